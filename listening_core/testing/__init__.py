@@ -1,0 +1,47 @@
+"""A loopback Discord for tests: real discord.py clients log in, join voice and exchange
+DAVE-encrypted audio through it, offline.
+
+``async with LocalDiscord() as discord_:`` starts it on 127.0.0.1; ``discord_.connector()`` is
+the aiohttp connector that wires a ``discord.Client`` to it; ``discord_.add_bot()`` makes an
+account to log in with; ``await discord_.add_member(...)`` adds a virtual member who speaks audio
+into a voice channel. With pytest, the ``local_discord`` fixture hands you a started instance.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "FaultConfig",
+    "FaultInjector",
+    "LocalDiscord",
+    "Schedule",
+    "VirtualMember",
+    "connect_client",
+]
+
+if TYPE_CHECKING:
+    from .clients import connect_client
+    from .faults import FaultConfig, FaultInjector
+    from .media import Schedule
+    from .members import VirtualMember
+    from .server import LocalDiscord
+
+_LAZY = {
+    "FaultConfig": ".faults",
+    "FaultInjector": ".faults",
+    "LocalDiscord": ".server",
+    "Schedule": ".media",
+    "VirtualMember": ".members",
+    "connect_client": ".clients",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that the pytest plugin entry point stays cheap to import.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module, __name__), name)

@@ -1,0 +1,202 @@
+"""An in-process mirror of what discord.py 2.7.1's voice websocket does with DAVE messages.
+
+:class:`DaveClient` wraps a :class:`davey.DaveSession` and reacts to the server's DAVE opcodes exactly
+like ``discord.gateway.DiscordVoiceWebSocket`` + ``discord.voice_state.VoiceConnectionState`` do, but
+returns what the client would send instead of sending it.  The loopback server uses it for its
+virtual members and tests use it to drive :class:`~listening_core.testing.dave_group.DaveGroup`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import davey
+
+if TYPE_CHECKING:
+    from .dave_group import Outgoing
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["ClientMessage", "DaveClient"]
+
+OP_PREPARE_TRANSITION = 21
+OP_EXECUTE_TRANSITION = 22
+OP_TRANSITION_READY = 23
+OP_PREPARE_EPOCH = 24
+OP_EXTERNAL_SENDER = 25
+OP_KEY_PACKAGE = 26
+OP_PROPOSALS = 27
+OP_COMMIT_WELCOME = 28
+OP_ANNOUNCE_COMMIT = 29
+OP_WELCOME = 30
+OP_INVALID_COMMIT_WELCOME = 31
+
+
+@dataclass(frozen=True)
+class ClientMessage:
+    """A message the client sends to the voice gateway (JSON ``d`` payload or binary payload)."""
+
+    opcode: int
+    json: dict[str, Any] | None = None
+    binary: bytes | None = None
+
+
+class DaveClient:
+    """A discord.py-like DAVE participant for one user (sans-I/O).
+
+    Errors from ``set_external_sender`` / ``process_proposals`` propagate, as they do in discord.py
+    (where they escape the websocket handler); failures of ``process_commit`` / ``process_welcome``
+    are answered with op 31 and a fresh key package, as discord.py's ``_recover_from_invalid_commit``.
+    """
+
+    def __init__(self, user_id: int, channel_id: int) -> None:
+        self.user_id = user_id
+        self.channel_id = channel_id
+        self.session: davey.DaveSession | None = None
+        self.protocol_version = 0
+        self.pending_transitions: dict[int, int] = {}
+        self.executed_transitions: list[int] = []
+        self.invalid_reports: list[int] = []
+        self.downgraded = False
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True when the davey session can encrypt and decrypt."""
+        return self.session is not None and bool(self.session.ready)
+
+    @property
+    def epoch(self) -> int | None:
+        """The davey session's MLS epoch (None without a group)."""
+        return None if self.session is None else self.session.epoch
+
+    @property
+    def can_encrypt(self) -> bool:
+        """discord.py's ``VoiceConnectionState.can_encrypt``."""
+        return self.protocol_version != 0 and self.ready
+
+    def group_user_ids(self) -> set[int]:
+        """User ids in the local MLS group (davey returns them as strings)."""
+        if self.session is None:
+            return set()
+        return {int(uid) for uid in self.session.get_user_ids() or []}
+
+    # -- media ---------------------------------------------------------------------------------------
+
+    def _require_session(self) -> davey.DaveSession:
+        if self.session is None:
+            raise RuntimeError(f"user {self.user_id} has no DAVE session (no session description yet)")
+        return self.session
+
+    def encrypt_opus(self, frame: bytes) -> bytes:
+        """DAVE-encrypt one Opus frame (davey raises ValueError when not ready)."""
+        return bytes(self._require_session().encrypt_opus(frame))
+
+    def decrypt(self, user_id: int, frame: bytes) -> bytes:
+        """DAVE-decrypt one Opus frame sent by ``user_id``."""
+        return bytes(self._require_session().decrypt(user_id, davey.MediaType.audio, frame))
+
+    # -- signalling ----------------------------------------------------------------------------------
+
+    def session_description(self, dave_protocol_version: int = 1) -> list[ClientMessage]:
+        """Op 4 received: (re)create the DAVE session and return the op 26 key package."""
+        self.protocol_version = dave_protocol_version
+        return self._reinit()
+
+    def _reinit(self) -> list[ClientMessage]:
+        if self.protocol_version > 0:
+            if self.session is not None:
+                self.session.reinit(self.protocol_version, self.user_id, self.channel_id)
+            else:
+                self.session = davey.DaveSession(self.protocol_version, self.user_id, self.channel_id)
+            return [ClientMessage(OP_KEY_PACKAGE, binary=bytes(self.session.get_serialized_key_package()))]
+        if self.session is not None:
+            self.session.reset()
+            self.session.set_passthrough_mode(True, 10)
+        return []
+
+    def handle(self, message: Outgoing) -> list[ClientMessage]:
+        """Process one server message addressed to this user; return the client's replies."""
+        if message.user_id != self.user_id:
+            raise ValueError(f"message for user {message.user_id} delivered to user {self.user_id}")
+        if message.binary is not None:
+            return self.handle_binary(message.opcode, message.binary)
+        return self.handle_json(message.opcode, message.json or {})
+
+    def handle_json(self, opcode: int, data: dict[str, Any]) -> list[ClientMessage]:
+        """Mirror of ``DiscordVoiceWebSocket.received_message`` for DAVE opcodes 21, 22 and 24."""
+        if self.session is None:
+            return []
+        out: list[ClientMessage] = []
+        if opcode == OP_PREPARE_TRANSITION:
+            tid = int(data["transition_id"])
+            self.pending_transitions[tid] = int(data["protocol_version"])
+            if tid == 0:
+                self._execute_transition(tid)
+            else:
+                if data["protocol_version"] == 0:
+                    self.session.set_passthrough_mode(True, 120)
+                out.append(ClientMessage(OP_TRANSITION_READY, json={"transition_id": tid}))
+        elif opcode == OP_EXECUTE_TRANSITION:
+            self._execute_transition(int(data["transition_id"]))
+        elif opcode == OP_PREPARE_EPOCH and data["epoch"] == 1:
+            self.protocol_version = int(data["protocol_version"])
+            out.extend(self._reinit())
+        return out
+
+    def handle_binary(self, opcode: int, payload: bytes) -> list[ClientMessage]:
+        """Mirror of ``DiscordVoiceWebSocket.received_binary_message`` (payload after the opcode byte)."""
+        session = self.session
+        if session is None:
+            return []
+        if opcode == OP_EXTERNAL_SENDER:
+            session.set_external_sender(payload)
+        elif opcode == OP_PROPOSALS:
+            if not payload:
+                raise ValueError("empty op 27 payload")
+            optype = (
+                davey.ProposalsOperationType.append
+                if payload[0] == 0
+                else davey.ProposalsOperationType.revoke
+            )
+            result = session.process_proposals(optype, payload[1:])
+            if result is not None:
+                data = bytes(result.commit) + (bytes(result.welcome) if result.welcome else b"")
+                return [ClientMessage(OP_COMMIT_WELCOME, binary=data)]
+        elif opcode in (OP_ANNOUNCE_COMMIT, OP_WELCOME):
+            tid = int.from_bytes(payload[:2], "big")
+            try:
+                if opcode == OP_ANNOUNCE_COMMIT:
+                    session.process_commit(payload[2:])
+                else:
+                    session.process_welcome(payload[2:])
+            except Exception as exc:
+                _log.debug("user %d: op %d for transition %d failed: %s", self.user_id, opcode, tid, exc)
+                return self._recover_from_invalid_commit(tid)
+            if tid != 0:
+                self.pending_transitions[tid] = self.protocol_version
+                return [ClientMessage(OP_TRANSITION_READY, json={"transition_id": tid})]
+        return []
+
+    def _recover_from_invalid_commit(self, transition_id: int) -> list[ClientMessage]:
+        self.invalid_reports.append(transition_id)
+        out = [ClientMessage(OP_INVALID_COMMIT_WELCOME, json={"transition_id": transition_id})]
+        out.extend(self._reinit())
+        return out
+
+    def _execute_transition(self, transition_id: int) -> None:
+        if transition_id not in self.pending_transitions:
+            _log.warning("user %d: execute for unknown transition id %d", self.user_id, transition_id)
+            return
+        old_version = self.protocol_version
+        self.protocol_version = self.pending_transitions.pop(transition_id)
+        if old_version != self.protocol_version and self.protocol_version == 0:
+            self.downgraded = True
+        elif transition_id > 0 and self.downgraded:
+            self.downgraded = False
+            if self.session is not None:
+                self.session.set_passthrough_mode(True, 10)
+        self.executed_transitions.append(transition_id)

@@ -1,0 +1,231 @@
+"""Virtual members: guild members voiced by the loopback itself, with no client of their own.
+
+Each has its own :class:`~listening_core.testing.dave_client.DaveClient` (a real
+``davey.DaveSession``) that joins the channel's MLS group like any client, and speaks a
+:class:`~listening_core.testing.media.Schedule` at real-time pace: one Opus frame every 20 ms,
+correct sequence numbers and wall-clock RTP timestamps, five silence frames after each spurt,
+optional RTP header extension and padding. Its packets enter the relay directly, so many of them
+are cheap: no socket, no websocket, no thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..rtp import RtpHeader
+from .dave_client import DaveClient
+from .media import FRAME_SAMPLES, FRAME_SECONDS, Schedule
+
+if TYPE_CHECKING:
+    from ..crypto import TransportCipher
+    from .call import VoiceCall
+    from .dave_group import Outgoing
+    from .server import LocalDiscord
+    from .world import User
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["SentOpus", "VirtualMember"]
+
+EXTENSION_PROFILE = 0xBEDE
+
+
+@dataclass(frozen=True, slots=True)
+class SentOpus:
+    """One frame a virtual member sent: the plain Opus and the DAVE frame that went on the wire."""
+
+    sequence: int
+    timestamp: int
+    opus: bytes
+    payload: bytes
+    time: float
+    silence: bool
+
+
+class VirtualMember:
+    """A member the loopback plays: joins voice, takes part in DAVE, speaks schedules.
+
+    ``extension_body`` (a multiple of 4 bytes) is sent as an RTP header extension with every
+    packet and ``padding`` adds that many bytes of RTP padding, as real Discord clients do.
+    ``speaking_delay`` sends the op 5 that maps this member's SSRC that many seconds after its
+    first packet of a spurt (0: just before), to exercise receivers that must hold unmapped SSRCs.
+    """
+
+    is_virtual = True
+
+    def __init__(
+        self,
+        discord: LocalDiscord,
+        user: User,
+        *,
+        extension_body: bytes = b"",
+        padding: int = 0,
+        speaking_delay: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if len(extension_body) % 4:
+            raise ValueError("extension_body must be a multiple of 4 bytes long")
+        if not 0 <= padding <= 255:
+            raise ValueError("padding must be 0..255 bytes")
+        self._discord = discord
+        self.user = user
+        self.user_id = user.id
+        self.extension_body = extension_body
+        self.padding = padding
+        self.speaking_delay = speaking_delay
+        self._rng = rng or random.Random(user.id)
+        self.ssrc = 0
+        self.video_ssrc = 0
+        self.joined = False
+        self.udp_addr: tuple[str, int] | None = None
+        self.cipher: TransportCipher | None = None
+        self.speaking = 0
+        self.call: VoiceCall | None = None
+        self.dave: DaveClient | None = None
+        self.sent: list[SentOpus] = []
+        self.unsent_not_ready = 0
+        self._seq = self._rng.randrange(0, 1 << 16)
+        self._ts_base = self._rng.randrange(0, 1 << 32)
+        self._epoch: float | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<VirtualMember {self.user.name} id={self.user_id} ssrc={self.ssrc} joined={self.joined}>"
+
+    # -- what the call and relay use ---------------------------------------------------------
+
+    def next_counter(self) -> int:  # virtual members receive nothing over UDP
+        return 0
+
+    async def send_json(self, op: int, d: Any, *, sequenced: bool = True) -> None:
+        """Voice gateway messages to a virtual member (op 5, 11, 13) need no answer."""
+
+    async def deliver_dave(self, out: Outgoing) -> list[Outgoing]:
+        """Handle a DAVE message as discord.py would; feed the answers back into the group."""
+        if self.dave is None or self.call is None:
+            return []
+        answers: list[Outgoing] = []
+        for message in self.dave.handle(out):
+            answers.extend(self.call.dave.receive(self.user_id, message))
+        return answers
+
+    # -- joining and leaving -----------------------------------------------------------------
+
+    async def join(
+        self, channel_id: int | None = None, *, wait_ready: bool = True, timeout: float = 10.0
+    ) -> None:
+        """Join a voice channel (default: the guild's first); wait until DAVE can encrypt."""
+        discord = self._discord
+        channel_id = channel_id or discord.world.voice_channel_id
+        await discord.voice_state_update(self.user, {"channel_id": str(channel_id)})
+        call = await discord.call_for(channel_id)
+        self.call = call
+        self.ssrc = call.new_ssrc()
+        self.dave = DaveClient(self.user_id, channel_id)
+        key_package = self.dave.session_description(call.dave_version) if call.dave_version > 0 else []
+        await call.join(self)
+        for message in key_package:
+            await call.route(call.dave.receive(self.user_id, message))
+        if wait_ready and call.dave_version > 0:
+            await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until this member's DAVE session can encrypt (it has joined the MLS group)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.dave is None or not self.dave.can_encrypt:
+            if loop.time() > deadline:
+                raise TimeoutError(f"{self!r}: DAVE session not ready after {timeout} s")
+            await asyncio.sleep(0.01)
+
+    async def leave(self) -> None:
+        """Leave voice: the others get op 13 and a new DAVE epoch."""
+        await self.stop()
+        await self._discord.voice_state_update(self.user, {"channel_id": None})
+        self.call = None
+
+    async def stop(self) -> None:
+        """Stop speaking at once (no silence tail)."""
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- speaking ----------------------------------------------------------------------------
+
+    def speak(self, schedule: Schedule, *, start_at: float | None = None) -> asyncio.Task[None]:
+        """Start sending ``schedule`` (at loop time ``start_at``, default now); returns the task.
+
+        RTP timestamps count wall-clock 20 ms slots from this member's first ``speak``, so gaps
+        between spurts and between calls show as timestamp jumps, as with Discord's clients.
+        """
+        if self.call is None or not self.joined:
+            raise RuntimeError(f"{self!r} must join a voice channel before speaking")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() if start_at is None else start_at
+        if self._epoch is None:
+            self._epoch = t0
+        task = asyncio.ensure_future(self._play(schedule, t0))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _play(self, schedule: Schedule, t0: float) -> None:
+        assert self._epoch is not None
+        loop = asyncio.get_running_loop()
+        frames = list(schedule.frames())
+        slot0 = round((t0 - self._epoch) / FRAME_SECONDS)
+        announced = False
+        try:
+            for frame in frames:
+                delay = t0 + frame.offset - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                call = self.call
+                if call is None or not self.joined:
+                    return
+                if not frame.is_silence_tail and not self.speaking and not announced:
+                    announced = True
+                    if self.speaking_delay > 0:
+                        loop.call_later(self.speaking_delay, self._announce, call, 1)
+                    else:
+                        await call.speaking(self, 1)
+                timestamp = (self._ts_base + (slot0 + frame.slot) * FRAME_SAMPLES) & 0xFFFFFFFF
+                self._send(call, frame.opus, timestamp, frame.is_silence_tail, loop.time())
+                if frame.is_silence_tail:
+                    announced = False
+                    if self.speaking:
+                        await call.speaking(self, 0)
+        finally:
+            if self.speaking and self.call is not None:
+                await self.call.speaking(self, 0)
+
+    def _announce(self, call: VoiceCall, flags: int) -> None:
+        if self.joined:
+            self._discord.spawn(call.speaking(self, flags))
+
+    def _send(self, call: VoiceCall, opus: bytes, timestamp: int, silence: bool, now: float) -> None:
+        if call.dave_version > 0:
+            if self.dave is None or not self.dave.can_encrypt:
+                self.unsent_not_ready += 1  # a real client cannot send before it holds a key either
+                return
+            payload = self.dave.encrypt_opus(opus)
+        else:
+            payload = opus
+        header = RtpHeader(
+            sequence=self._seq,
+            timestamp=timestamp,
+            ssrc=self.ssrc,
+            extension_profile=EXTENSION_PROFILE if self.extension_body else None,
+            extension_words=len(self.extension_body) // 4,
+            padding=self.padding > 0,
+            extension_body=self.extension_body,
+        )
+        call.relay.forward_rtp(self, header, payload, padding=self.padding)
+        self.sent.append(SentOpus(self._seq, timestamp, opus, payload, now, silence))
+        self._seq = (self._seq + 1) & 0xFFFF

@@ -1,0 +1,480 @@
+"""DaveGroup (server side) against real davey sessions wrapped in DaveClient (client side)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import davey
+import pytest
+
+from listening_core.testing.dave_client import ClientMessage, DaveClient
+from listening_core.testing.dave_group import DaveGroup, Outgoing
+from listening_core.testing.mls import MLSFormatError, parse_commit_message, split_commit_welcome
+
+CHANNEL = 555_000_000_000_000_001
+A, B, C, D = 101, 202, 303, 404
+
+
+class Net:
+    """A loopback 'network': server messages are delivered before the server reads the next reply."""
+
+    def __init__(self, group: DaveGroup) -> None:
+        self.group = group
+        self.clients: dict[int, DaveClient] = {}
+        self.server_q: deque[tuple[int, ClientMessage]] = deque()
+        self.log: list[Outgoing] = []
+
+    def deliver(self, out: Iterable[Outgoing]) -> None:
+        for msg in out:
+            self.log.append(msg)
+            client = self.clients.get(msg.user_id)
+            if client is None:
+                continue
+            for reply in client.handle(msg):
+                self.server_q.append((msg.user_id, reply))
+
+    def pump(self, out: Iterable[Outgoing] = ()) -> None:
+        self.deliver(out)
+        while self.server_q:
+            uid, reply = self.server_q.popleft()
+            if uid not in self.clients:
+                continue
+            self.deliver(self.group.receive(uid, reply))
+
+    def connect(self, uid: int, *, pump: bool = True) -> DaveClient:
+        """Voice session reaches op 4: discord.py sends op 26 at once, the server sends op 25."""
+        client = DaveClient(uid, CHANNEL)
+        self.clients[uid] = client
+        key_package = client.session_description(1)  # op 4 -> reinit -> op 26 (sent immediately)
+        self.deliver(self.group.join(uid))  # op 25
+        self.server_q.extend((uid, m) for m in key_package)
+        if pump:
+            self.pump()
+        return client
+
+    def disconnect(self, uid: int) -> None:
+        del self.clients[uid]
+        self.pump(self.group.leave(uid))
+
+
+def assert_all_decrypt(net: Net) -> None:
+    clients = net.clients
+    for sender_id, sender in clients.items():
+        frame = b"opus frame from %d" % sender_id
+        encrypted = sender.encrypt_opus(frame)
+        assert encrypted != frame
+        for receiver_id, receiver in clients.items():
+            if receiver_id != sender_id:
+                assert receiver.decrypt(sender_id, encrypted) == frame
+
+
+def assert_consistent(net: Net) -> None:
+    group = net.group
+    assert not group.pending_transitions, "every transition should have been executed"
+    for uid, client in net.clients.items():
+        assert client.ready
+        assert client.epoch == group.epoch
+        assert client.session is not None
+        assert client.session.own_leaf_index == group.leaf_index(uid)
+        assert client.group_user_ids() == set(group.members)
+        assert not client.pending_transitions
+        assert not client.invalid_reports
+
+
+def test_single_member_group_is_created() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    client = net.connect(A)
+    group = net.group
+    assert group.members == {A}
+    assert group.leaves == [A]
+    assert not group.ghost_in_group
+    # epoch 1: A committed the ghost's Add; epoch 2: A committed the ghost's Remove.
+    assert group.epoch == 2
+    assert [t.committer for t in group.transitions] == [A, A]
+    assert client.ready and client.epoch == 2
+    assert client.executed_transitions == [t.transition_id for t in group.transitions]
+    assert_consistent(net)
+    assert client.encrypt_opus(b"hello") != b"hello"
+
+
+def test_single_member_without_solo_establishment_stays_pending() -> None:
+    net = Net(DaveGroup(CHANNEL, establish_solo=False))
+    client = net.connect(A)
+    assert net.group.epoch is None and net.group.members == set()
+    assert not client.ready
+    net.connect(B)
+    assert net.group.epoch == 1 and net.group.members == {A, B}
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_three_members_join_one_by_one_then_leave() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    net.connect(A)
+    assert group.epoch is not None
+    epochs: list[int] = [group.epoch]
+    for uid in (B, C):
+        net.connect(uid)
+        assert group.epoch is not None and group.epoch > epochs[-1]
+        epochs.append(group.epoch)
+        last = group.transitions[-1]
+        assert uid in last.added and last.executed
+        # The newcomer was welcomed by an existing member (the "welcomed" path).
+        assert last.committer != uid
+        assert any(m.user_id == uid and m.opcode == 30 for m in net.log)
+        assert_consistent(net)
+        assert_all_decrypt(net)
+    assert group.members == {A, B, C}
+    assert [group.leaf_index(u) for u in (A, B, C)] == [0, 1, 2]
+
+    # Every op 22 came after the corresponding op 23s: nothing is left pending and all executed it.
+    tid = group.transitions[-1].transition_id
+    for client in net.clients.values():
+        assert tid in client.executed_transitions
+
+    left = net.clients[B]
+    old_frame = net.clients[A].encrypt_opus(b"before the leave")
+    net.disconnect(B)
+    assert group.members == {A, C}
+    assert group.epoch == epochs[-1] + 1
+    assert group.transitions[-1].removed == (B,)
+    assert_consistent(net)
+    assert_all_decrypt(net)
+    assert net.clients[C].decrypt(A, old_frame) == b"before the leave"  # old keys are retained
+    # B no longer follows the group: frames of the new epoch are opaque to it.
+    with pytest.raises(ValueError):
+        left.decrypt(A, net.clients[A].encrypt_opus(b"after the leave"))
+
+    # D takes the blank leaf left by B.
+    net.connect(D)
+    assert group.leaf_index(D) == 1
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_two_pending_members_race_and_loser_is_welcomed() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    # Both voice sessions reach op 4 before any proposal is processed by a client.
+    a = DaveClient(A, CHANNEL)
+    b = DaveClient(B, CHANNEL)
+    net.clients.update({A: a, B: b})
+    kp_a = a.session_description(1)[0].binary
+    kp_b = b.session_description(1)[0].binary
+    assert kp_a is not None and kp_b is not None
+    out = group.join(A) + group.join(B)
+    out += group.key_package(A, kp_a)  # lone pending member: Add(ghost) to A
+    out += group.key_package(B, kp_b)  # now two: revoke the ghost, Add(B) to A, Add(A) to B
+    assert [(m.user_id, m.opcode, m.binary[0] if m.binary else None) for m in out[2:]] == [
+        (A, 27, 0),
+        (A, 27, 1),  # revokes go first...
+        (B, 27, 0),
+        (A, 27, 0),  # ...then appends
+    ]
+    net.deliver(out)
+    # A committed twice (ghost, then B), B committed once (A): three commits for epoch 0, queued
+    # in delivery order.  A's ghost commit no longer matches A's proposals; B's commit is first.
+    commits = [(uid, m) for uid, m in net.server_q if m.opcode == 28]
+    assert [uid for uid, _ in commits] == [A, B, A]
+    net.pump()
+    assert group.epoch == 1
+    assert group.members == {A, B} and not group.ghost_in_group
+    first = group.transitions[0]
+    assert first.committer == B and first.added == (A,)
+    assert group.leaves == [B, A]
+    reasons = [reason for _, reason in group.ignored_commits]
+    assert any("exactly the proposals" in r for r in reasons)  # A's superseded ghost commit
+    assert any("epoch 0" in r for r in reasons)  # A lost the race with its second commit
+    assert a.invalid_reports == []
+    assert any(m.user_id == A and m.opcode == 30 for m in net.log)  # the loser is welcomed
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_concurrent_commits_in_established_group_first_wins() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    net.connect(A)
+    net.connect(B)
+    before = len(group.ignored_commits)
+    net.connect(C)
+    # A and B both committed C's Add; only one of them won, the other's commit was for a stale epoch.
+    last = group.transitions[-1]
+    assert last.added == (C,)
+    stale = [r for _, r in group.ignored_commits[before:] if "current epoch" in r]
+    assert len(stale) == 1
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_joiner_commits_path() -> None:
+    """With establish_solo off, the second joiner may win the creation race and commit the group."""
+    group = DaveGroup(CHANNEL, establish_solo=False)
+    net = Net(group)
+    net.connect(A)
+    b = DaveClient(B, CHANNEL)
+    net.clients[B] = b
+    kp_b = b.session_description(1)
+    net.deliver(group.join(B))
+    out = group.key_package(B, kp_b[0].binary or b"")  # Add(B) to A, Add(A) to B
+    # Deliver to B first and let B's commit reach the server first.
+    out.sort(key=lambda m: m.user_id != B)
+    net.deliver(out)
+    net.server_q = deque(sorted(net.server_q, key=lambda item: item[0] != B))
+    net.pump()
+    assert group.transitions[0].committer == B
+    assert group.transitions[0].added == (A,)
+    assert group.leaves == [B, A]
+    assert any(m.user_id == A and m.opcode == 30 for m in net.log)
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_force_epoch_change() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    for uid in (A, B):
+        net.connect(uid)
+    epoch = group.epoch
+    assert epoch is not None
+    net.pump(group.force_epoch_change())
+    assert group.epoch == epoch + 2  # ghost added, then removed
+    assert group.members == {A, B} and not group.ghost_in_group
+    assert group.transitions[-2].added == (group.ghost_user_id,)
+    assert group.transitions[-1].removed == (group.ghost_user_id,)
+    assert_consistent(net)
+    assert_all_decrypt(net)
+    assert DaveGroup(CHANNEL).force_epoch_change() == []
+
+
+def test_force_epoch_change_while_ghost_present_is_one_epoch() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    net.connect(A)
+    net.connect(B)
+    out = group.force_epoch_change()
+    # Deliver only up to the ghost's Add: the ghost sits in the group and decrypts like a member.
+    net.deliver(out)
+    uid, reply = net.server_q.popleft()
+    net.deliver(group.receive(uid, reply))
+    assert group.ghost_in_group
+    ghost = group.ghost
+    assert ghost is not None and ghost.ready
+    frame = net.clients[A].encrypt_opus(b"x")
+    assert ghost.decrypt(A, frame) == b"x"
+    net.pump()
+    assert not group.ghost_in_group and group.ghost is None
+    assert_consistent(net)
+
+
+def test_invalid_commit_welcome_recovers() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    for uid in (A, B, C):
+        net.connect(uid)
+    epoch = group.epoch
+    assert epoch is not None
+    # C claims it could not process the last transition: discord.py sends op 31 and a new op 26.
+    replies = net.clients[C]._recover_from_invalid_commit(group.transitions[-1].transition_id)
+    assert [m.opcode for m in replies] == [31, 26]
+    assert not net.clients[C].ready
+    net.clients[C].invalid_reports.clear()
+    net.server_q.extend((C, m) for m in replies)
+    net.pump()
+    last = group.transitions[-1]
+    assert group.epoch == epoch + 1  # one commit removed the stale leaf and re-added C
+    assert last.removed == (C,) and last.added == (C,)
+    assert group.members == {A, B, C}
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_leave_of_pending_joiner_revokes_its_add() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    net.connect(A)
+    net.connect(B)
+    epoch = group.epoch
+    c = DaveClient(C, CHANNEL)
+    kp = c.session_description(1)
+    group.join(C)
+    out = group.key_package(C, kp[0].binary or b"")
+    assert {m.user_id for m in out} == {A, B}
+    # Members see the Add, then C leaves before any commit arrives: the Add is revoked.
+    net.deliver(out)
+    net.server_q.clear()  # the commits are still "in flight"... and arrive after the revoke
+    out = group.leave(C)
+    assert sorted((m.user_id, m.opcode, m.binary[0] if m.binary else None) for m in out) == [
+        (A, 27, 1),
+        (B, 27, 1),
+    ]
+    net.pump(out)
+    assert group.epoch == epoch and group.members == {A, B} and group.inflight_proposals == 0
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_last_member_leaving_resets_group() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    net.connect(A)
+    net.connect(B)
+    net.disconnect(A)
+    assert group.members == {B}
+    assert_consistent(net)
+    net.disconnect(B)
+    assert group.epoch is None and group.members == set()
+    net.connect(C)
+    assert group.members == {C}
+    assert_consistent(net)
+
+
+def test_malformed_commit_welcome_is_rejected_without_state_change() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    net.connect(A)
+    net.connect(B)
+    c = DaveClient(C, CHANNEL)
+    net.clients[C] = c
+    kp = c.session_description(1)
+    net.deliver(group.join(C))
+    net.deliver(group.key_package(C, kp[0].binary or b""))
+    real = [(uid, m) for uid, m in net.server_q if m.opcode == 28]
+    assert real
+    uid, good = real[0]
+    data = good.binary or b""
+    commit, welcome = split_commit_welcome(data)
+    assert welcome is not None and commit + welcome == data
+    snapshot = (group.epoch, group.leaves, group.inflight_proposals, len(group.transitions))
+    bad_inputs = [
+        b"",
+        b"\x00",
+        data[:10],
+        commit[:-1],
+        data[:-1],
+        data + b"\x00",
+        commit + b"\xff" * 5,
+        b"\x00\x01\x00\x02" + commit[4:],  # wire format 2 but a public body
+        bytes([0xC0]) * 40,
+    ]
+    for bad in bad_inputs:
+        with pytest.raises(MLSFormatError):
+            group.commit_welcome(uid, bad)
+        assert (group.epoch, group.leaves, group.inflight_proposals, len(group.transitions)) == snapshot
+    # A well-formed commit for the wrong epoch is ignored, not an error.
+    assert parse_commit_message(commit).epoch == group.epoch
+    # The real commits still work afterwards.
+    net.pump()
+    assert group.members == {A, B, C}
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_foreign_or_malformed_key_package_rejected() -> None:
+    group = DaveGroup(CHANNEL)
+    group.join(A)
+    other = davey.DaveSession(1, B, CHANNEL)
+    with pytest.raises(MLSFormatError, match="user"):
+        group.key_package(A, other.get_serialized_key_package())
+    with pytest.raises(MLSFormatError):
+        group.key_package(A, b"\x00\x01\x00")
+    assert group.epoch is None and group.inflight_proposals == 0
+    # A key package from a user who never joined is ignored.
+    assert group.key_package(B, other.get_serialized_key_package()) == []
+
+
+def test_outgoing_shapes() -> None:
+    group = DaveGroup(CHANNEL)
+    (ext,) = group.join(A)
+    assert ext.opcode == 25 and ext.json is None and ext.binary == group.sender.package()
+    client = DaveClient(A, CHANNEL)
+    kp = client.session_description(1)
+    client.handle(ext)
+    out = group.key_package(A, kp[0].binary or b"")
+    (proposals,) = out
+    assert proposals.opcode == 27 and proposals.binary is not None and proposals.binary[0] == 0
+    (commit_msg,) = client.handle(proposals)
+    out = group.commit_welcome(A, commit_msg.binary or b"")
+    kinds = [(m.user_id, m.opcode) for m in out]
+    assert kinds[0] == (A, 29)
+    tid = int.from_bytes(out[0].binary[:2], "big") if out[0].binary else -1
+    assert tid == group.transitions[0].transition_id != 0
+    ready = client.handle(out[0])
+    assert ready == [ClientMessage(23, json={"transition_id": tid})]
+    execute = group.transition_ready(A, tid)
+    assert execute == [Outgoing(A, 22, {"transition_id": tid}, None)]
+    assert group.transition_ready(A, tid) == []  # duplicate op 23 is harmless
+
+
+def test_corrupted_welcome_triggers_op31_and_readd() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    net.connect(A)
+    net.connect(B)
+    epoch = group.epoch
+    assert epoch is not None
+    c = DaveClient(C, CHANNEL)
+    net.clients[C] = c
+    kp = c.session_description(1)
+    net.deliver(group.join(C))
+    out = group.key_package(C, kp[0].binary or b"")
+    net.deliver(out)
+    uid, commit = next((u, m) for u, m in net.server_q if m.opcode == 28)
+    net.server_q.clear()
+    out = group.commit_welcome(uid, commit.binary or b"")
+    corrupted: list[Outgoing] = []
+    for m in out:
+        if m.opcode == 30 and m.binary is not None:
+            m = Outgoing(m.user_id, 30, None, m.binary[:-3] + bytes(b ^ 0xFF for b in m.binary[-3:]))
+        corrupted.append(m)
+    bad_tid = group.transitions[-1].transition_id
+    net.pump(corrupted)
+    assert c.invalid_reports == [bad_tid]
+    c.invalid_reports.clear()
+    # The group removed C's dead leaf and welcomed its new key package in one more epoch.
+    assert group.epoch == epoch + 2
+    assert group.transitions[-1].removed == (C,) and group.transitions[-1].added == (C,)
+    assert group.transitions[-2].executed  # C stopped being waited for after op 31
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_execute_waits_for_every_transition_ready() -> None:
+    group = DaveGroup(CHANNEL, establish_solo=False)
+    a, b = DaveClient(A, CHANNEL), DaveClient(B, CHANNEL)
+    kps = {A: a.session_description(1)[0], B: b.session_description(1)[0]}
+    for client in (a, b):
+        for m in group.join(client.user_id):
+            client.handle(m)
+    assert group.key_package(A, kps[A].binary or b"") == []
+    out = group.key_package(B, kps[B].binary or b"")
+    (to_a,) = [m for m in out if m.user_id == A]
+    (commit,) = a.handle(to_a)
+    out = group.commit_welcome(A, commit.binary or b"")
+    assert sorted((m.user_id, m.opcode) for m in out) == [(A, 29), (B, 30)]
+    replies = {m.user_id: a.handle(m) if m.user_id == A else b.handle(m) for m in out}
+    tid = group.transitions[0].transition_id
+    assert replies[A] == replies[B] == [ClientMessage(23, json={"transition_id": tid})]
+    assert group.transition_ready(A, tid) == []
+    assert group.pending_transitions[tid].awaiting == {B}
+    execute = group.transition_ready(B, tid)
+    assert sorted(m.user_id for m in execute) == [A, B]
+    assert all(m.opcode == 22 and m.json == {"transition_id": tid} for m in execute)
+
+
+def test_rejoin_resets_member() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    net.connect(A)
+    net.connect(B)
+    epoch = group.epoch
+    assert epoch is not None
+    net.connect(B)  # a new voice session for B (e.g. a reconnect without resume)
+    # A commits the stale leaf's removal before B's new key package arrives, then B's re-add.
+    assert group.epoch == epoch + 2
+    assert group.transitions[-2].removed == (B,) and group.transitions[-1].added == (B,)
+    assert group.members == {A, B}
+    assert_consistent(net)
+    assert_all_decrypt(net)
