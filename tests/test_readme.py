@@ -21,5 +21,7 @@ def test_readme_has_python_blocks() -> None:
 def test_readme_block_runs(index: int, tmp_path: pathlib.Path) -> None:
     script = tmp_path / f"readme_{index}.py"
     script.write_text(BLOCKS[index], encoding="utf-8")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
