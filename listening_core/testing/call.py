@@ -202,9 +202,8 @@ class VoiceCall:
         """A real client's websocket closed: it may resume within :data:`RESUME_GRACE` seconds."""
         if self.sessions.get(session.user_id) is not session or self.closed:
             return
-        if close_code == 1000:
-            await self.leave(session.user_id)
-            return
+        # A client that leaves says so on the main gateway (op 4 with no channel); a dropped
+        # websocket alone, whatever its close code, may still be resumed.
         loop = asyncio.get_running_loop()
 
         def expire() -> None:

@@ -124,15 +124,25 @@ class VirtualMember:
         channel_id = channel_id or discord.world.voice_channel_id
         await discord.voice_state_update(self.user, {"channel_id": str(channel_id)})
         call = await discord.call_for(channel_id)
+        await self.move_to(call)
+        if wait_ready and call.dave_version > 0:
+            await self.wait_ready(timeout)
+
+    async def move_to(self, call: VoiceCall) -> None:
+        """Follow a voice server change: a new SSRC and a fresh DAVE session on ``call``."""
+        old = self.call
+        if old is not None:
+            old.virtual.pop(self.user_id, None)
+            old.relay.forget(self)
+        self.joined = False
+        self.speaking = 0
         self.call = call
         self.ssrc = call.new_ssrc()
-        self.dave = DaveClient(self.user_id, channel_id)
+        self.dave = DaveClient(self.user_id, call.channel_id)
         key_package = self.dave.session_description(call.dave_version) if call.dave_version > 0 else []
         await call.join(self)
         for message in key_package:
             await call.route(call.dave.receive(self.user_id, message))
-        if wait_ready and call.dave_version > 0:
-            await self.wait_ready(timeout)
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until this member's DAVE session can encrypt (it has joined the MLS group)."""

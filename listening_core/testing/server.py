@@ -294,6 +294,51 @@ class LocalDiscord:
                 {"token": token, "guild_id": str(self.world.guild_id), "endpoint": call.endpoint},
             )
 
+    async def change_voice_server(self, channel_id: int | None = None) -> VoiceCall:
+        """Move a channel's call to a new voice server: new endpoint, keys and SSRCs (a fault).
+
+        Every real client gets VOICE_SERVER_UPDATE with the new endpoint and token, as when Discord
+        migrates a call; virtual members move over and rejoin the new server's DAVE group. The old
+        server is shut down a moment later.
+        """
+        channel_id = channel_id or self.world.voice_channel_id
+        old = self.calls.get(channel_id)
+        if old is None:
+            raise ValueError(f"channel {channel_id} has no call to move")
+        old.closed = True
+        new = await self._new_call(channel_id)
+        for user_id in list(old.sessions):
+            state = self.world.voice_states.get(user_id)
+            conn = self.gateway.connection_of(user_id)
+            if state is None or conn is None:
+                continue
+            token = new.authorise(user_id, state[1])
+            await conn.dispatch(
+                "VOICE_SERVER_UPDATE",
+                {"token": token, "guild_id": str(self.world.guild_id), "endpoint": new.endpoint},
+            )
+        for member in list(old.virtual.values()):
+            if isinstance(member, VirtualMember):
+                await member.move_to(new)
+        self.spawn(self._close_later(old, 2.0))
+        return new
+
+    async def _close_later(self, call: VoiceCall, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._calls_by_host.pop(call.endpoint, None)
+        await call.close()
+
+    async def interrupt_voice(self, user_id: int, code: int = 4015) -> None:
+        """Close a real client's voice websocket with ``code`` (4015: "voice server crashed, resume")."""
+        for call in self.calls.values():
+            session = call.sessions.get(user_id)
+            if session is not None:
+                await session.close(
+                    code, "Voice server crashed" if code == 4015 else "Interrupted by the test"
+                )
+                return
+        raise ValueError(f"user {user_id} has no voice connection")
+
     # -- HTTP plumbing -----------------------------------------------------------------------
 
     @web.middleware

@@ -99,16 +99,25 @@ async def test_epoch_changes_mid_stream_lose_nothing(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_real_discord_py_client_playing_a_clip(mode: str) -> None:
+@pytest.mark.parametrize("path", ["welcomed", "commits"])
+async def test_real_discord_py_client_playing_a_clip(mode: str, path: str) -> None:
     async with LocalDiscord(modes=(mode,)) as local:
-        client, vc = await _join(local, "listener")
-        player_client, player_vc = await _join(local, "player")
+        # "commits": the listener is first, so it creates the group and commits the player's Add;
+        # "welcomed": the player is first and the listener is brought in by the player's commit.
+        first, second = ("listener", "player") if path == "commits" else ("player", "listener")
+        joined = {}
+        for name in (first, second):
+            joined[name] = await _join(local, name)
+            await wait_dave_ready(joined[name][1])
+        (client, vc), (player_client, player_vc) = joined["listener"], joined["player"]
         try:
-            await wait_dave_ready(vc, epoch=2)
-            await wait_dave_ready(player_vc, epoch=2)
+            await wait_dave_ready(vc, epoch=3)
+            await wait_dave_ready(player_vc, epoch=3)
             call = local.calls[local.world.voice_channel_id]
-            player_user = player_client.user
-            assert player_user is not None
+            player_user, listener_user = player_client.user, client.user
+            assert player_user is not None and listener_user is not None
+            committer = call.dave.transitions[-1].committer
+            assert committer == (listener_user.id if path == "commits" else player_user.id)
             player_ssrc = call.sessions[player_user.id].ssrc
             listener = Listener(vc, {player_ssrc: player_user.id})
 
@@ -118,6 +127,10 @@ async def test_real_discord_py_client_playing_a_clip(mode: str) -> None:
                 discord.PCMAudio(_BytesIO(pcm)),
                 after=lambda _: player_client.loop.call_soon_threadsafe(finished.set),
             )
+            await asyncio.sleep(1.0)
+            epoch = vc._connection.dave_session.epoch
+            await call.force_epoch_change()  # new keys in the middle of the clip
+            await wait_dave_ready(vc, epoch=epoch + 1)
             await asyncio.wait_for(finished.wait(), 15)
             await listener.settle(0.5)
 
@@ -125,11 +138,9 @@ async def test_real_discord_py_client_playing_a_clip(mode: str) -> None:
             # gives the same frames, followed by the five silence frames it sends at the end.
             expected = OpusEncoder().encode_pcm(pcm[: len(pcm) - len(pcm) % 3840])
             expected += [SILENCE_FRAME] * 5
-            got = listener.opus_of(player_user.id)
-            assert got == expected
+            assert listener.opus_of(player_user.id) == expected
             assert not listener.failures and listener.held == 0
-            relayed = call.relay.sent[(player_user.id, client.user.id)]  # type: ignore[union-attr]
-            assert len(relayed) == len(expected)
+            assert len(call.relay.sent[(player_user.id, listener_user.id)]) == len(expected)
         finally:
             await close_client(player_client)
             await close_client(client)
