@@ -14,10 +14,12 @@ import asyncio
 import contextlib
 import logging
 import random
+import struct
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..rtp import RtpHeader
+from ..rtp import RtcpHeader, RtpHeader
 from .dave_client import DaveClient
 from .media import FRAME_SAMPLES, FRAME_SECONDS, Schedule
 
@@ -33,6 +35,8 @@ _log = logging.getLogger(__name__)
 __all__ = ["SentOpus", "VirtualMember"]
 
 EXTENSION_PROFILE = 0xBEDE
+RTCP_SR = 200
+NTP_UNIX_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +218,21 @@ class VirtualMember:
         finally:
             if self.speaking and self.call is not None:
                 await self.call.speaking(self, 0)
+
+    def send_sender_report(self) -> bytes:
+        """Send an RTCP sender report (SR) to the call, as clients do every few seconds; returns it plain."""
+        call = self.call
+        if call is None or not self.joined:
+            raise RuntimeError(f"{self!r} must join a voice channel before sending RTCP")
+        now = time.time() + NTP_UNIX_OFFSET
+        ntp = (int(now) << 32) | int((now % 1) * (1 << 32))
+        last = self.sent[-1] if self.sent else None
+        rtp_ts = last.timestamp if last is not None else self._ts_base
+        octets = sum(len(s.payload) for s in self.sent) & 0xFFFFFFFF
+        body = struct.pack(">QIII", ntp, rtp_ts, len(self.sent) & 0xFFFFFFFF, octets)
+        report = RtcpHeader(RTCP_SR, self.ssrc, count=0, length=6).serialize() + body
+        call.relay.forward_rtcp(self, report)
+        return report
 
     def _announce(self, call: VoiceCall, flags: int) -> None:
         if self.joined:

@@ -63,6 +63,7 @@ class Listener:
     #: user id -> RTP sequence numbers of every datagram that opened, duplicates included
     arrivals: dict[int, list[int]] = field(default_factory=lambda: collections.defaultdict(list))
     duplicates: int = 0
+    rtcp: list[bytes] = field(default_factory=list)
     _seen: set[tuple[int, int]] = field(default_factory=set)
     _held: list[tuple[int, bytes, int, int, int]] = field(default_factory=list)
 
@@ -79,6 +80,13 @@ class Listener:
     def _process(self, data: bytes) -> None:
         self.datagrams += 1
         kind = classify(data)
+        if kind is PacketKind.RTCP:
+            conn = self.vc._connection
+            try:
+                self.rtcp.append(transport_cipher(conn.mode, bytes(conn.secret_key)).open_rtcp(data))
+            except PacketError as exc:
+                self.failures["rtcp:" + exc.reason] += 1
+            return
         if kind is not PacketKind.RTP:
             self.non_rtp[kind.name] += 1
             return

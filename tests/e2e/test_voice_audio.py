@@ -215,3 +215,29 @@ async def test_same_seed_same_faults() -> None:
     first, second, other = await run(3), await run(3), await run(4)
     assert first == second
     assert first[1] and first[1] != other[1]
+
+
+async def test_header_extensions_padding_and_speaking_events() -> None:
+    """Discord clients send RTP header extensions and padding; op 5 maps each SSRC to its user."""
+    async with LocalDiscord() as local:
+        alice = local.add_member("alice", extension_body=bytes.fromhex("10ff0000 22123456"), padding=13)
+        await alice.join()
+        client, vc = await _join(local)
+        speaking: list[dict] = []  # type: ignore[type-arg]
+
+        async def hook(ws, msg):  # type: ignore[no-untyped-def]
+            if msg["op"] == 5:
+                speaking.append(msg["d"])
+
+        vc._connection.ws._hook = hook
+        try:
+            await wait_dave_ready(vc)
+            listener = Listener(vc, {alice.ssrc: alice.user_id})
+            await alice.speak(Schedule.from_clips([("carol", 0.0)]))
+            await listener.settle()
+            assert listener.opus_of(alice.user_id) == [s.opus for s in alice.sent]
+            assert not listener.failures
+            assert speaking[0] == {"user_id": str(alice.user_id), "ssrc": alice.ssrc, "speaking": 1}
+            assert speaking[-1]["speaking"] == 0
+        finally:
+            await close_client(client)

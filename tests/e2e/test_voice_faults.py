@@ -214,3 +214,19 @@ async def test_members_joining_and_leaving_mid_stream_are_announced(leaves: bool
                 assert bob.user_id not in group.members and alice.user_id in group.members
         finally:
             await close_client(client)
+
+
+async def test_rtcp_is_resealed_for_each_member() -> None:
+    async with LocalDiscord(faults=FaultConfig(seed=1, loss=0.5)) as local:  # RTCP is not subject to faults
+        alice = local.add_member("alice")
+        await alice.join()
+        client, vc = await _join(local)
+        try:
+            await wait_dave_ready(vc)
+            listener = Listener(vc, {alice.ssrc: alice.user_id})
+            reports = [alice.send_sender_report() for _ in range(5)]
+            await listener.settle(0.2)
+            assert listener.rtcp == reports
+            assert all(len(r) == 28 and r[1] == 200 for r in reports)
+        finally:
+            await close_client(client)
