@@ -1,13 +1,73 @@
 """listening-core: voice receive for discord.py bots on today's Discord.
 
-What exists so far is the foundation: the pure wire modules (:mod:`listening_core.rtp`,
-:mod:`listening_core.crypto`) and :mod:`listening_core.testing`, a loopback Discord that
-unmodified discord.py clients log in to, join voice on and exchange DAVE-encrypted audio
-through. The receive pipeline (``VoiceClient.listen`` and the sinks) is not written yet.
+``vc = await channel.connect(cls=listening_core.VoiceClient)`` then ``vc.listen(sink)``: every
+member's audio, opened through both transport encryption modes and DAVE, ordered, with lost
+frames recovered (FEC) or concealed, decoded in worker processes and placed on one session
+timeline, goes to an :class:`AudioSink`. Sinks can be installed plugins chosen by name.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0.dev0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "AudioFile",
+    "AudioFileSink",
+    "AudioFrame",
+    "AudioHandlingSink",
+    "AudioProcessPool",
+    "AudioReceiver",
+    "AudioSink",
+    "AudioUnpacker",
+    "FrameKind",
+    "ListenOptions",
+    "ListeningError",
+    "RtcpPacket",
+    "UserStats",
+    "VoiceClient",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from .errors import ListeningError
+    from .pool import AudioProcessPool
+    from .receiver import AudioReceiver, ListenOptions, UserStats
+    from .sinks import (
+        AudioFile,
+        AudioFileSink,
+        AudioFrame,
+        AudioHandlingSink,
+        AudioSink,
+        FrameKind,
+        RtcpPacket,
+    )
+    from .unpacker import AudioUnpacker
+    from .voice_client import VoiceClient
+
+# Imported on first use, so that worker processes and the pytest plugin stay light.
+_LAZY = {
+    "AudioFile": ".sinks",
+    "AudioFileSink": ".sinks",
+    "AudioFrame": ".sinks",
+    "AudioHandlingSink": ".sinks",
+    "AudioProcessPool": ".pool",
+    "AudioReceiver": ".receiver",
+    "AudioSink": ".sinks",
+    "AudioUnpacker": ".unpacker",
+    "FrameKind": ".sinks",
+    "ListenOptions": ".receiver",
+    "ListeningError": ".errors",
+    "RtcpPacket": ".sinks",
+    "UserStats": ".receiver",
+    "VoiceClient": ".voice_client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)

@@ -192,7 +192,7 @@ class VirtualMember:
     async def _play(self, schedule: Schedule, t0: float) -> None:
         assert self._epoch is not None
         loop = asyncio.get_running_loop()
-        frames = list(schedule.frames())
+        frames = schedule.frames()  # encoded lazily: a long schedule must not delay its own start
         slot0 = round((t0 - self._epoch) / FRAME_SECONDS)
         announced = False
         try:

@@ -1,0 +1,282 @@
+"""``AudioProcessPool``: decoding spread over processes, each speaker pinned to one of them.
+
+Modelled on :class:`concurrent.futures.ProcessPoolExecutor`: :meth:`submit` sends a batch of
+decode jobs to one worker and returns a :class:`~concurrent.futures.Future` of the answers. Workers
+start lazily, on the first stream assigned to them. Each stream (a speaker's SSRC in one session)
+is pinned to the least-loaded worker when first seen, so one speaker's frames always reach the same
+decoder in order, and speakers are decoded in parallel. One pool may serve many voice clients.
+
+A worker that dies is noticed by the result thread: the futures of the batches it had in flight
+fail with :class:`WorkerDied` (the receiver conceals those frames, so timelines stay aligned),
+its streams stay pinned to its slot and a new worker takes the slot on the next submit.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+import time
+from collections.abc import Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ListeningError
+from .unpacker import CLOSE, AudioUnpacker, DecodeAnswer, DecodeJob
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["AudioProcessPool", "PoolClosed", "WorkerDied"]
+
+
+class WorkerDied(ListeningError):
+    """A decoding worker died with this batch in flight; its frames are concealed."""
+
+
+class PoolClosed(ListeningError):
+    """The pool was shut down."""
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: AudioUnpacker | None = None
+    conn: multiprocessing.connection.Connection | None = None
+    pending: collections.deque[tuple[int, Future[list[DecodeAnswer]]]] = field(
+        default_factory=collections.deque
+    )
+    streams: set[Hashable] = field(default_factory=set)
+    restarts: int = 0
+
+
+class AudioProcessPool:
+    """A pool of :class:`~listening_core.unpacker.AudioUnpacker` processes.
+
+    ``max_workers`` defaults to the number of CPUs. Use as a context manager or call
+    :meth:`shutdown`; a pool that ``listen`` made for itself is shut down with the session.
+    """
+
+    def __init__(self, max_workers: int | None = None) -> None:
+        if max_workers is not None and max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self._workers = [_Worker(i) for i in range(self.max_workers)]
+        self._pins: dict[Hashable, int] = {}
+        self._lock = threading.RLock()
+        self._batch_ids = 0
+        self._closed = False
+        self._result_thread: threading.Thread | None = None
+        self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
+        self.restarts = 0
+
+    def __enter__(self) -> AudioProcessPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def worker_for(self, key: Hashable) -> int:
+        """The worker ``key``'s stream is pinned to (chosen, least loaded, on first use)."""
+        with self._lock:
+            index = self._pins.get(key)
+            if index is None:
+                index = min(self._workers, key=lambda w: (len(w.streams), w.index)).index
+                self._pins[key] = index
+                self._workers[index].streams.add(key)
+            return index
+
+    def release(self, keys: list[Hashable]) -> None:
+        """Forget streams: their decoders are closed in the workers."""
+        by_worker: dict[int, list[DecodeJob]] = collections.defaultdict(list)
+        with self._lock:
+            for key in keys:
+                index = self._pins.pop(key, None)
+                if index is not None:
+                    self._workers[index].streams.discard(key)
+                    if self._workers[index].process is not None:
+                        by_worker[index].append((key, CLOSE, None, 0))
+        for index, jobs in by_worker.items():
+            if not self._closed:
+                self.submit(index, jobs)
+
+    def start(self, workers: int = 1) -> None:
+        """Start up to ``workers`` processes now instead of on first use (it takes ~0.1 s each)."""
+        with self._lock:
+            for worker in self._workers[: min(workers, self.max_workers)]:
+                self._ensure_process(worker)
+
+    @property
+    def processes(self) -> list[int]:
+        """PIDs of the running workers."""
+        with self._lock:
+            return [
+                w.process.pid for w in self._workers if w.process is not None and w.process.pid is not None
+            ]
+
+    # -- work --------------------------------------------------------------------------------
+
+    def submit(self, worker: int, jobs: list[DecodeJob]) -> Future[list[DecodeAnswer]]:
+        """Send ``jobs`` to ``worker``; the future gets one answer per job, in order."""
+        future: Future[list[DecodeAnswer]] = Future()
+        with self._lock:
+            if self._closed:
+                raise PoolClosed("the AudioProcessPool was shut down")
+            w = self._workers[worker]
+            self._ensure_process(w)
+            self._batch_ids += 1
+            batch_id = self._batch_ids
+            w.pending.append((batch_id, future))
+            try:
+                assert w.conn is not None
+                w.conn.send((batch_id, jobs))
+            except (BrokenPipeError, OSError):
+                self._worker_died(w)
+        return future
+
+    def _ensure_process(self, w: _Worker) -> None:
+        if w.process is not None and w.process.is_alive():
+            return
+        if w.process is not None:
+            self._worker_died(w)
+        parent, child = multiprocessing.Pipe(duplex=True)
+        process = AudioUnpacker(child, w.index)
+        process.start()
+        child.close()
+        w.process, w.conn = process, parent
+        self._ensure_result_thread()
+        self._wake()
+
+    def _worker_died(self, w: _Worker) -> None:
+        """Fail what ``w`` had in flight and forget its process (a new one starts on demand)."""
+        if w.process is None:
+            return
+        exitcode = w.process.exitcode
+        _log.warning(
+            "decoding worker %d (pid %s) died (exit code %s); %d batch(es) in flight are concealed, "
+            "a new worker takes its place",
+            w.index,
+            w.process.pid,
+            exitcode,
+            len(w.pending),
+        )
+        if w.conn is not None:
+            w.conn.close()
+        w.process, w.conn = None, None
+        w.restarts += 1
+        self.restarts += 1
+        while w.pending:
+            _, future = w.pending.popleft()
+            future.set_exception(WorkerDied(f"decoding worker {w.index} died with this batch in flight"))
+
+    # -- results -----------------------------------------------------------------------------
+
+    def _ensure_result_thread(self) -> None:
+        if self._result_thread is None or not self._result_thread.is_alive():
+            self._result_thread = threading.Thread(
+                target=self._collect, name="listening-core-pool-results", daemon=True
+            )
+            self._result_thread.start()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wakeup_w.send_bytes(b"")
+
+    def _collect(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed and not any(w.pending for w in self._workers):
+                    return
+                conns: dict[Any, _Worker] = {w.conn: w for w in self._workers if w.conn is not None}
+                sentinels = {w.process.sentinel: w for w in self._workers if w.process is not None}
+            ready = multiprocessing.connection.wait([self._wakeup_r, *conns, *sentinels], timeout=0.5)
+            for obj in ready:
+                if obj is self._wakeup_r:
+                    try:
+                        self._wakeup_r.recv_bytes()
+                    except (EOFError, OSError):
+                        return
+                elif obj in conns:
+                    self._receive(conns[obj])
+                elif obj in sentinels:
+                    w = sentinels[obj]
+                    with self._lock:
+                        if w.conn is not None and w.conn in conns:
+                            self._drain(w)
+                        if w.process is not None and not w.process.is_alive():
+                            self._worker_died(w)
+
+    def _drain(self, w: _Worker) -> None:
+        conn = w.conn
+        while conn is not None and w.conn is conn:
+            try:
+                if not conn.poll():
+                    return
+            except (EOFError, OSError):
+                return
+            self._receive(w)
+
+    def _receive(self, w: _Worker) -> None:
+        conn = w.conn
+        if conn is None:
+            return
+        try:
+            batch_id, answers = conn.recv()
+        except (EOFError, OSError):
+            with self._lock:
+                if w.conn is conn:
+                    self._worker_died(w)
+            return
+        with self._lock:
+            if not w.pending or w.pending[0][0] != batch_id:
+                _log.error("decoding worker %d answered batch %s out of order", w.index, batch_id)
+                return
+            _, future = w.pending.popleft()
+        future.set_result(answers)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, timeout: float = 5.0) -> None:
+        """Stop every worker (after in-flight batches are answered when ``wait``)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            workers = list(self._workers)
+        deadline = time.monotonic() + timeout
+        if wait:
+            while any(w.pending for w in workers) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        with self._lock:
+            for w in workers:
+                if w.conn is not None:
+                    with contextlib.suppress(OSError):
+                        w.conn.send(None)
+        for w in workers:
+            if w.process is not None:
+                w.process.join(max(0.0, deadline - time.monotonic()))
+                if w.process.is_alive():
+                    w.process.kill()
+                    w.process.join(1.0)
+                w.process.close()
+            if w.conn is not None:
+                w.conn.close()
+            with self._lock:
+                while w.pending:
+                    _, future = w.pending.popleft()
+                    future.set_exception(PoolClosed("the AudioProcessPool was shut down"))
+                w.process, w.conn = None, None
+        self._wake()
+        if self._result_thread is not None:
+            self._result_thread.join(2.0)
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+
+    def __repr__(self) -> str:
+        return f"<AudioProcessPool workers={len(self.processes)}/{self.max_workers} closed={self._closed}>"

@@ -1,0 +1,689 @@
+"""``AudioReceiver``: one listening session, from datagram to sink.
+
+The socket listener runs on discord.py's reader thread and, per datagram: classifies it (RTP,
+RTCP, discovery, keep-alive); opens the transport encryption (either ``_rtpsize`` AEAD mode);
+keeps only Opus from known audio SSRCs (video, RTX and other payload types never reach a
+decoder); drops duplicates (DAVE refuses a replay, so this must come first); attributes the SSRC
+to a user, holding packets from an SSRC not mapped yet; opens the DAVE layer with the connection's
+``davey`` session, holding frames whose key is not usable yet and retrying them once it is; and
+feeds the speaker's jitter buffer, which hands back frames in order, each lost one marked for FEC
+or concealment.
+
+The receiver thread itself ticks every few milliseconds: it releases what the jitter buffers hold
+past their deadline, retries held DAVE frames, attributes held SSRCs, notices speaking stops, and
+sends each speaker's decode jobs, batched, to the worker that speaker is pinned to. Decoded PCM
+comes back through futures and goes, with each frame's place on the session timeline, to the
+sink's delivery thread. Nothing lost is silent: every drop, concealment and DAVE failure is
+counted per user and logged at WARNING the first time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import inspect
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .crypto import TransportCipher, dave_decrypt, transport_cipher
+from .errors import DaveError, PacketError
+from .jitter import FrameKind as JitterKind
+from .jitter import JitterBuffer, Playout
+from .opus import packet_has_fec
+from .pool import AudioProcessPool, WorkerDied
+from .rtp import OPUS_PAYLOAD_TYPE, PacketKind, RtcpHeader, RtpHeader, classify
+from .sinks import FRAME_SAMPLES, AudioFrame, AudioSink, FrameKind, RtcpPacket, SessionInfo
+from .timeline import SessionClock, StreamTimeline
+from .unpacker import CONCEALED, DECODE, FAILED, FEC, PLC, DecodeAnswer, DecodeJob
+
+if TYPE_CHECKING:
+    from .voice_client import VoiceClient
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["AudioReceiver", "ListenOptions", "UserStats"]
+
+_KINDS = {
+    JitterKind.RECEIVED: FrameKind.RECEIVED,
+    JitterKind.SILENCE: FrameKind.SILENCE,
+    JitterKind.FEC: FrameKind.FEC,
+    JitterKind.PLC: FrameKind.PLC,
+}
+
+
+@dataclass(frozen=True)
+class ListenOptions:
+    """Tuning of a listening session (the defaults suit Discord)."""
+
+    jitter_delay: float = 0.06
+    """How long a gap in a speaker's sequence is waited for before the frame counts as lost."""
+    dave_hold: float = 2.0
+    """How long a frame whose DAVE key is not usable yet is held for a retry."""
+    unmapped_hold: float = 2.0
+    """How long packets from an SSRC no user is mapped to yet are held before they are dropped."""
+    tick: float = 0.005
+    """The receiver thread's period: batching, deadlines and retries."""
+    speaking_timeout: float = 0.08
+    """A speaker stops speaking this long after their last packet."""
+    spurt_gap: float = 0.1
+    """A pause in arrivals longer than this starts a new talk spurt (re-checked on the timeline)."""
+    max_held_per_stream: int = 256
+
+
+@dataclass
+class UserStats:
+    """What happened to one user's audio in a session (counts of packets or frames)."""
+
+    packets: int = 0
+    """RTP packets received from the user's SSRCs (before anything was dropped)."""
+    decrypted: int = 0
+    """Packets whose transport encryption opened."""
+    dave_decrypted: int = 0
+    """Frames whose DAVE layer opened (or passed through, when allowed)."""
+    dave_held: int = 0
+    """Frames that waited for their DAVE key and opened once it was usable."""
+    dave_failures: int = 0
+    """Frames whose DAVE layer never opened: dropped, and concealed on the timeline."""
+    duplicates: int = 0
+    late: int = 0
+    """Packets that arrived after their frame was already concealed."""
+    lost: int = 0
+    """Frames never received (each one recovered by FEC or concealed)."""
+    recovered_fec: int = 0
+    concealed: int = 0
+    """Frames concealed: lost without FEC, corrupt, or in flight when a decoder died."""
+    corrupt: int = 0
+    """Frames the Opus decoder refused (concealed instead)."""
+    frames: int = 0
+    """Frames delivered to the sink, every kind included."""
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Packets dropped before ordering, by reason."""
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k != "dropped"}
+        data["dropped"] = dict(self.dropped)
+        return data
+
+
+class _Stream:
+    """One SSRC's state in a session."""
+
+    __slots__ = (
+        "dave_queue",
+        "jitter",
+        "key",
+        "last_arrival",
+        "recent",
+        "recent_order",
+        "speaking",
+        "ssrc",
+        "timeline",
+        "user_id",
+        "worker",
+    )
+
+    def __init__(
+        self, ssrc: int, user_id: int, key: tuple[int, int], jitter: JitterBuffer, timeline: StreamTimeline
+    ):
+        self.ssrc = ssrc
+        self.user_id = user_id
+        self.key = key
+        self.jitter = jitter
+        self.timeline = timeline
+        self.last_arrival = 0.0
+        self.speaking = False
+        self.recent: set[int] = set()
+        self.recent_order: collections.deque[int] = collections.deque()
+        self.dave_queue: collections.deque[tuple[int, int, bytes, float]] = collections.deque()
+        self.worker: int | None = None
+
+
+_session_ids = iter(range(1, 1 << 62))
+
+
+class AudioReceiver(threading.Thread):
+    """Runs one listening session of a :class:`~listening_core.voice_client.VoiceClient`."""
+
+    def __init__(
+        self,
+        voice_client: VoiceClient,
+        sink: AudioSink,
+        *,
+        pool: AudioProcessPool | None,
+        after: Callable[..., Any] | None,
+        options: ListenOptions | None = None,
+        own_pool: bool = False,
+    ) -> None:
+        super().__init__(name=f"listening-core-receiver-{voice_client.channel.id}", daemon=True)
+        self.voice_client = voice_client
+        self.sink = sink
+        self.options = options or ListenOptions()
+        self.after = after
+        self.loop: asyncio.AbstractEventLoop = voice_client.loop
+        self.session_id = next(_session_ids)
+        self.wants_pcm = bool(getattr(sink, "wants_pcm", True))
+        self.pool = pool if self.wants_pcm else None
+        self._own_pool = own_pool and self.pool is not None
+        self.clock = SessionClock(time.monotonic())
+        self.started_at = time.time()
+        self.stats: dict[int, UserStats] = collections.defaultdict(UserStats)
+        self.unattributed: collections.Counter[str] = collections.Counter()
+        self._streams: dict[int, _Stream] = {}
+        self._unmapped: dict[int, collections.deque[tuple[RtpHeader, bytes, float]]] = {}
+        self._lock = threading.RLock()
+        self._paused = False
+        self._stopping = threading.Event()
+        self._finished = threading.Event()
+        self._jobs: dict[int, list[DecodeJob]] = collections.defaultdict(list)
+        self._meta: dict[int, list[AudioFrame]] = collections.defaultdict(list)
+        self._inflight: set[Future[list[DecodeAnswer]]] = set()
+        self._inflight_lock = threading.Lock()
+        self._delivery: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._delivery_thread = threading.Thread(
+            target=self._deliver, name=f"listening-core-delivery-{voice_client.channel.id}", daemon=True
+        )
+        self._cipher: TransportCipher | None = None
+        self._cipher_key: tuple[str, bytes] | None = None
+        self._warned: set[tuple[int | None, str]] = set()
+        self.error: BaseException | None = None
+        self._sink_failed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        vc = self.voice_client
+        info = SessionInfo(
+            guild_id=vc.guild.id if vc.guild else None, channel_id=vc.channel.id, started_at=self.started_at
+        )
+        try:
+            self.sink.on_start(info)
+        except Exception as exc:
+            self._sink_error(exc)
+        self._delivery_thread.start()
+        super().start()
+        vc._connection.add_socket_listener(self.on_datagram)
+
+    @property
+    def finished(self) -> threading.Event:
+        """Set once the sink was cleaned up and ``after`` was called."""
+        return self._finished
+
+    def pause(self) -> None:
+        """Discard audio from now on (what is pending is delivered); the timeline keeps running."""
+        with self._lock:
+            self._paused = True
+            for stream in self._streams.values():
+                self._drain_stream(stream, final=True)
+                stream.speaking = False
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def stop(self) -> None:
+        """End the session: every frame received so far is delivered, then the sink is cleaned up."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        tick = self.options.tick
+        try:
+            while not self._stopping.wait(tick):
+                try:
+                    self._tick(time.monotonic())
+                except Exception:  # a bug here must not end the session silently
+                    _log.exception("listening session %d: error in the receiver tick", self.session_id)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        vc = self.voice_client
+        with contextlib.suppress(Exception):  # the connection may be gone
+            vc._connection.remove_socket_listener(self.on_datagram)
+        with self._lock:
+            now = time.monotonic()
+            self._attribute_unmapped(now, final=True)
+            for stream in list(self._streams.values()):
+                self._retry_dave(stream, now, final=True)
+                self._drain_stream(stream, final=True)
+            self._flush_jobs()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            with self._inflight_lock:
+                if not self._inflight:
+                    break
+            time.sleep(0.002)
+        if self.pool is not None:
+            keys: list[Any] = [s.key for s in self._streams.values()]
+            with contextlib.suppress(Exception):  # the pool may have been shut down by its owner
+                self.pool.release(keys)
+            if self._own_pool:
+                self.pool.shutdown()
+        self._delivery.put(None)
+        self._delivery_thread.join()
+        self._call_after()
+
+    # -- datagrams (discord.py's socket reader thread) ---------------------------------------
+
+    def on_datagram(self, data: bytes) -> None:
+        """Socket listener: must never raise (it runs on discord.py's reader thread)."""
+        try:
+            self._on_datagram(data, time.monotonic())
+        except Exception:
+            _log.exception("listening session %d: unexpected error on a datagram", self.session_id)
+            self.unattributed["receiver-error"] += 1
+
+    def _transport(self) -> TransportCipher | None:
+        conn = self.voice_client._connection
+        mode, key = conn.mode, conn.secret_key
+        if not mode or not key:
+            return None
+        raw = bytes(key)
+        if self._cipher_key != (mode, raw):
+            self._cipher = transport_cipher(mode, raw)
+            self._cipher_key = (mode, raw)
+        return self._cipher
+
+    def _on_datagram(self, data: bytes, now: float) -> None:
+        if self._stopping.is_set():
+            return
+        kind = classify(data)
+        if kind is PacketKind.RTP:
+            self._on_rtp(data, now)
+        elif kind is PacketKind.RTCP:
+            self._on_rtcp(data)
+        elif kind is PacketKind.UNKNOWN:
+            self.unattributed["not-rtp"] += 1
+        # keep-alives and IP discovery are the connection's business
+
+    def _on_rtp(self, data: bytes, now: float) -> None:
+        cipher = self._transport()
+        if cipher is None:
+            self.unattributed["no-key-yet"] += 1
+            return
+        vc = self.voice_client
+        try:
+            header = RtpHeader.parse(data)
+        except PacketError as exc:
+            self.unattributed[exc.reason] += 1
+            return
+        user_id = vc._ssrc_to_user.get(header.ssrc)
+        if header.ssrc in vc._video_ssrcs or header.payload_type != OPUS_PAYLOAD_TYPE:
+            self._drop(user_id, "not-audio", "video, RTX or another payload type", count_packet=True)
+            return
+        try:
+            header, payload = cipher.open_rtp(data)
+        except PacketError as exc:
+            self._drop(user_id, exc.reason, "transport decryption failed", count_packet=True)
+            return
+        if self._paused:
+            return
+        with self._lock:
+            if user_id is None:
+                held = self._unmapped.setdefault(header.ssrc, collections.deque())
+                if len(held) >= self.options.max_held_per_stream:
+                    held.popleft()
+                    self.unattributed["unknown-ssrc"] += 1
+                held.append((header, payload, now))
+                return
+            self._packet(header, payload, user_id, now)
+
+    def _packet(self, header: RtpHeader, payload: bytes, user_id: int, now: float) -> None:
+        """A transport-decrypted packet of a known user (lock held)."""
+        stats = self.stats[user_id]
+        stats.packets += 1
+        stats.decrypted += 1
+        stream = self._stream(header.ssrc, user_id)
+        seq = header.sequence
+        if seq in stream.recent:
+            stats.duplicates += 1
+            return
+        stream.recent.add(seq)
+        stream.recent_order.append(seq)
+        if len(stream.recent_order) > 1024:
+            stream.recent.discard(stream.recent_order.popleft())
+        stream.dave_queue.append((seq, header.timestamp, payload, now))
+        if len(stream.dave_queue) == 1:
+            self._retry_dave(stream, now)
+        elif len(stream.dave_queue) > self.options.max_held_per_stream:
+            self._retry_dave(stream, now, final=True)
+
+    def _stream(self, ssrc: int, user_id: int) -> _Stream:
+        stream = self._streams.get(ssrc)
+        if stream is None or stream.user_id != user_id:
+            jitter = JitterBuffer(self.options.jitter_delay, has_fec=packet_has_fec)
+            stream = _Stream(ssrc, user_id, (self.session_id, ssrc), jitter, StreamTimeline(self.clock))
+            if self.pool is not None:
+                stream.worker = self.pool.worker_for(stream.key)
+            self._streams[ssrc] = stream
+        return stream
+
+    def _retry_dave(self, stream: _Stream, now: float, *, final: bool = False) -> None:
+        """Open the DAVE layer of the stream's queued frames, in order (lock held).
+
+        A frame whose key is not usable yet stays queued (and so do the frames after it, to keep
+        order) until it opens or is older than ``dave_hold``; a frame that fails while a later
+        one opens is undecryptable (tampered or replayed) and is dropped.
+        """
+        conn = self.voice_client._connection
+        session = conn.dave_session
+        version = conn.dave_protocol_version
+        stats = self.stats[stream.user_id]
+        q = stream.dave_queue
+        blocked: list[tuple[int, int, bytes, float]] = []
+        while q:
+            seq, ts, payload, arrival = item = q.popleft()
+            try:
+                opus = dave_decrypt(session, stream.user_id, payload, protocol_version=version)
+            except DaveError as exc:
+                if exc.reason == "no-key" and not final and now - arrival < self.options.dave_hold:
+                    blocked.append(item)
+                    continue
+                self._dave_failed(stream, exc, len(blocked) + 1)
+                blocked.clear()
+                continue
+            except Exception as exc:  # davey raising something unexpected must not end the session
+                self._dave_failed(stream, exc, len(blocked) + 1)
+                blocked.clear()
+                continue
+            if blocked:
+                # a later frame opened: the blocked ones had keys available and still failed
+                self._dave_failed(stream, DaveError("dave-failed", "undecryptable frame"), len(blocked))
+                blocked.clear()
+            stats.dave_decrypted += 1
+            if now - arrival > self.options.tick * 2:
+                stats.dave_held += 1
+            self._ordered(stream, seq, ts, opus, arrival)
+        if blocked:
+            q.extend(blocked)
+
+    def _dave_failed(self, stream: _Stream, exc: BaseException, count: int) -> None:
+        stats = self.stats[stream.user_id]
+        stats.dave_failures += count
+        stats.dropped["dave-" + getattr(exc, "reason", "error")] += count
+        self._warn_once(stream.user_id, "dave", f"DAVE decryption failed ({exc}); the frame is concealed")
+
+    def _ordered(self, stream: _Stream, seq: int, ts: int, opus: bytes, arrival: float) -> None:
+        """One decrypted frame into the speaker's jitter buffer (lock held)."""
+        if not stream.speaking:
+            stream.speaking = True
+            self._dispatch("listening_speaking_start", stream.user_id)
+        spurt = arrival - stream.last_arrival > self.options.spurt_gap
+        stream.last_arrival = arrival
+        jitter = stream.jitter
+        before = (jitter.stats.duplicates, jitter.stats.late)
+        out = jitter.push(seq, ts, opus, arrival)
+        self._count_jitter(stream, before)
+        self._playout(stream, out, spurt_arrival=arrival if spurt else None)
+
+    def _count_jitter(self, stream: _Stream, before: tuple[int, int]) -> None:
+        stats = self.stats[stream.user_id]
+        dups = stream.jitter.stats.duplicates - before[0]
+        late = stream.jitter.stats.late - before[1]
+        if dups:
+            stats.duplicates += dups
+        if late:
+            stats.late += late
+            self._warn_once(stream.user_id, "late", "a packet arrived after its frame was concealed; dropped")
+
+    def _playout(self, stream: _Stream, out: list[Playout], *, spurt_arrival: float | None = None) -> None:
+        """Place released frames on the timeline and queue their decode (lock held)."""
+        if not out:
+            return
+        stats = self.stats[stream.user_id]
+        member = self.voice_client._member(stream.user_id)
+        for item in out:
+            kind = _KINDS[item.kind]
+            arrival = item.arrival
+            spurt_start = spurt_arrival is not None and arrival == spurt_arrival
+            position = stream.timeline.place(item.timestamp, arrival, spurt_start=spurt_start)
+            frame = AudioFrame(
+                user_id=stream.user_id,
+                ssrc=stream.ssrc,
+                sequence=item.sequence,
+                timestamp=item.timestamp,
+                position=position,
+                kind=kind,
+                opus=item.payload if kind in (FrameKind.RECEIVED, FrameKind.SILENCE) else None,
+                member=member,
+            )
+            if kind is FrameKind.FEC:
+                stats.lost += 1
+                stats.recovered_fec += 1
+                self._warn_once(
+                    stream.user_id, "lost", "frames were lost; recovering them (FEC) or concealing them"
+                )
+            elif kind is FrameKind.PLC:
+                stats.lost += 1
+                stats.concealed += 1
+                self._warn_once(
+                    stream.user_id, "lost", "frames were lost; recovering them (FEC) or concealing them"
+                )
+            if self.pool is None or stream.worker is None:
+                stats.frames += 1
+                self._delivery.put([frame])
+                continue
+            if kind is FrameKind.FEC:
+                job: DecodeJob = (stream.key, FEC, item.payload, FRAME_SAMPLES)
+            elif kind is FrameKind.PLC:
+                job = (stream.key, PLC, None, FRAME_SAMPLES)
+            else:
+                job = (stream.key, DECODE, item.payload, FRAME_SAMPLES)
+            self._jobs[stream.worker].append(job)
+            self._meta[stream.worker].append(frame)
+
+    def _drain_stream(self, stream: _Stream, *, final: bool) -> None:
+        out = stream.jitter.flush() if final else stream.jitter.poll(time.monotonic())
+        self._playout(stream, out)
+
+    # -- the receiver thread's tick ----------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        with self._lock:
+            self._attribute_unmapped(now)
+            for stream in list(self._streams.values()):
+                if stream.dave_queue:
+                    self._retry_dave(stream, now)
+                before = (stream.jitter.stats.duplicates, stream.jitter.stats.late)
+                self._playout(stream, stream.jitter.poll(now))
+                self._count_jitter(stream, before)
+                if stream.speaking and now - stream.last_arrival > self.options.speaking_timeout:
+                    stream.speaking = False
+                    self._dispatch("listening_speaking_stop", stream.user_id)
+            self._flush_jobs()
+
+    def _attribute_unmapped(self, now: float, *, final: bool = False) -> None:
+        if not self._unmapped:
+            return
+        mapping = self.voice_client._ssrc_to_user
+        for ssrc in list(self._unmapped):
+            held = self._unmapped[ssrc]
+            user_id = mapping.get(ssrc)
+            if user_id is not None:
+                del self._unmapped[ssrc]
+                for header, payload, arrival in held:
+                    self._packet(header, payload, user_id, arrival)
+                continue
+            while held and (final or now - held[0][2] > self.options.unmapped_hold):
+                held.popleft()
+                self.unattributed["unknown-ssrc"] += 1
+                self._warn_once(
+                    None,
+                    f"unmapped-{ssrc}",
+                    f"packets from SSRC {ssrc}, which no user was mapped to, were dropped",
+                )
+            if not held:
+                del self._unmapped[ssrc]
+
+    def _flush_jobs(self) -> None:
+        if not self._jobs:
+            return
+        assert self.pool is not None
+        for worker, jobs in self._jobs.items():
+            frames = self._meta[worker]
+            try:
+                future = self.pool.submit(worker, jobs)
+            except Exception as exc:
+                self._decoded(frames, None, exc)
+                continue
+            with self._inflight_lock:
+                self._inflight.add(future)
+            future.add_done_callback(functools.partial(self._on_decoded, frames=frames))
+        self._jobs = collections.defaultdict(list)
+        self._meta = collections.defaultdict(list)
+
+    def _on_decoded(self, future: Future[list[DecodeAnswer]], *, frames: list[AudioFrame]) -> None:
+        try:
+            exc = future.exception()
+            self._decoded(frames, None if exc else future.result(), exc)
+        finally:
+            with self._inflight_lock:
+                self._inflight.discard(future)
+
+    def _decoded(
+        self, frames: list[AudioFrame], answers: list[DecodeAnswer] | None, exc: BaseException | None
+    ) -> None:
+        """Attach PCM to frames (or conceal them, if their worker died) and hand them to the sink."""
+        if answers is None:
+            reason = "decoder-died" if isinstance(exc, WorkerDied) else "decoder-error"
+            silence = bytes(FRAME_SAMPLES * 4)
+            for frame in frames:
+                stats = self.stats[frame.user_id]
+                if frame.kind is not FrameKind.PLC:
+                    stats.concealed += 1
+                stats.dropped[reason] += 1
+                frame.kind = FrameKind.PLC
+                frame.pcm = silence
+                self._warn_once(frame.user_id, reason, f"frames were concealed: {exc}")
+        else:
+            for frame, (status, pcm) in zip(frames, answers, strict=True):
+                if status in (CONCEALED, FAILED):
+                    stats = self.stats[frame.user_id]
+                    stats.corrupt += 1
+                    stats.concealed += 1
+                    frame.kind = FrameKind.PLC
+                    self._warn_once(frame.user_id, "corrupt", "a corrupt Opus frame was concealed")
+                frame.pcm = pcm if pcm is not None else bytes(FRAME_SAMPLES * 4)
+        for frame in frames:
+            self.stats[frame.user_id].frames += 1
+        self._delivery.put(frames)
+
+    # -- RTCP ---------------------------------------------------------------------------------
+
+    def _on_rtcp(self, data: bytes) -> None:
+        cipher = self._transport()
+        if cipher is None or self._paused:
+            return
+        try:
+            plain = cipher.open_rtcp(data)
+            head = RtcpHeader.parse(plain)
+        except PacketError as exc:
+            self.unattributed["rtcp-" + exc.reason] += 1
+            return
+        user_id = self.voice_client._ssrc_to_user.get(head.ssrc)
+        self._delivery.put(RtcpPacket(head.ssrc, user_id, head.packet_type, plain))
+
+    # -- delivery thread -----------------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        sink = self.sink
+        while True:
+            item = self._delivery.get()
+            if item is None:
+                break
+            if self._sink_failed:
+                continue
+            try:
+                if isinstance(item, RtcpPacket):
+                    sink.on_rtcp(item)
+                else:
+                    for frame in item:
+                        sink.on_audio(frame)
+            except Exception as exc:
+                self._sink_error(exc)
+        try:
+            sink.cleanup()
+        except Exception as exc:
+            self._sink_error(exc)
+
+    def _sink_error(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self._sink_failed = True
+        _log.error(
+            "listening session %d: the sink %r failed and was stopped: %r", self.session_id, self.sink, exc
+        )
+
+    def _call_after(self) -> None:
+        after, error = self.after, self.error
+        loop = self.loop
+
+        def call() -> None:
+            try:
+                if after is not None:
+                    result = after(self.sink, error)
+                    if inspect.isawaitable(result):
+                        task = loop.create_task(_await(result))
+                        self.voice_client._tasks.add(task)
+                        task.add_done_callback(self.voice_client._tasks.discard)
+            except Exception:
+                _log.exception("the after callback of listen() raised")
+            finally:
+                self._finished.set()
+
+        if loop.is_closed():
+            self._finished.set()
+            return
+        try:
+            loop.call_soon_threadsafe(call)
+        except RuntimeError:  # the loop is closing
+            self._finished.set()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _drop(self, user_id: int | None, reason: str, what: str, *, count_packet: bool = False) -> None:
+        if user_id is None:
+            self.unattributed[reason] += 1
+            return
+        stats = self.stats[user_id]
+        if count_packet:
+            stats.packets += 1
+        stats.dropped[reason] += 1
+        self._warn_once(user_id, reason, f"{what} ({reason}); the packet was dropped")
+
+    def _warn_once(self, user_id: int | None, kind: str, message: str) -> None:
+        key = (user_id, kind)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        who = "unattributed audio" if user_id is None else f"user {user_id}"
+        _log.warning(
+            "listening session %d, %s: %s (further ones are counted, not logged)",
+            self.session_id,
+            who,
+            message,
+        )
+
+    def _dispatch(self, event: str, user_id: int) -> None:
+        vc = self.voice_client
+        member = vc._member(user_id)
+        with contextlib.suppress(RuntimeError):  # the event loop is closing
+            self.loop.call_soon_threadsafe(vc.client.dispatch, event, member or vc._user(user_id), vc)
+
+
+async def _await(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception:
+        _log.exception("the after callback of listen() raised")
