@@ -161,12 +161,14 @@ class AudioReceiver(threading.Thread):
         after: Callable[..., Any] | None,
         options: ListenOptions | None = None,
         own_pool: bool = False,
+        on_finished: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__(name=f"listening-core-receiver-{voice_client.channel.id}", daemon=True)
         self.voice_client = voice_client
         self.sink = sink
         self.options = options or ListenOptions()
         self.after = after
+        self._on_finished = on_finished
         self.loop: asyncio.AbstractEventLoop = voice_client.loop
         self.session_id = next(_session_ids)
         self.wants_pcm = bool(getattr(sink, "wants_pcm", True))
@@ -272,6 +274,8 @@ class AudioReceiver(threading.Thread):
                 self.pool.shutdown()
         self._delivery.put(None)
         self._delivery_thread.join()
+        if self._on_finished is not None:
+            self._on_finished(self.sink, error=self.error)
         self._call_after()
 
     # -- datagrams (discord.py's socket reader thread) ---------------------------------------

@@ -17,6 +17,7 @@ video (op 12), and dispatches ``on_listening_member_connect(member, vc)`` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from collections.abc import Callable
@@ -139,10 +140,13 @@ class VoiceClient(discord.VoiceClient):
             )
         if self._receiver is not None:
             raise ListeningStateError("already listening; call stop_listening() first")
-        if isinstance(sink, str):
-            from .plugins import default_registry
+        from .plugins import default_registry
 
-            sink = default_registry().create(sink, options)
+        registry = default_registry()
+        spec = None
+        if isinstance(sink, str):
+            spec = registry.get(sink)
+            sink = registry.create(sink, options)
         elif options is not None:
             raise ListeningStateError(
                 "options apply to a sink given by name; configure a sink instance directly"
@@ -154,7 +158,13 @@ class VoiceClient(discord.VoiceClient):
             pool = AudioProcessPool()
             pool.start(1)
         receiver = AudioReceiver(
-            self, sink, pool=pool, after=after, options=listen_options, own_pool=own_pool
+            self,
+            sink,
+            pool=pool,
+            after=after,
+            options=listen_options,
+            own_pool=own_pool,
+            on_finished=functools.partial(registry.session_finished, spec=spec),
         )
         self._receiver = receiver
         receiver.start()

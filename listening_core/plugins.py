@@ -1,0 +1,1014 @@
+"""Finding sinks by name: the registry of sink plugins and the checking of their options.
+
+Sinks are provided by plugins (the contract is :mod:`listening_core.hookspecs`), found through
+the ``listening_core.sinks`` entry-point group and chosen by name::
+
+    registry = default_registry()          # loads the installed plugins once per process
+    sink = registry.create("vad-segments", {"silence_ms": 800})
+
+A plugin that cannot be imported, or breaks the contract, does not stop the others: it is
+recorded in :attr:`SinkRegistry.failures`, logged as a warning, and reported again in the
+:class:`UnknownSinkError` raised when one of its sinks is asked for. Two installed plugins that
+provide the same name make that name unusable (:class:`PluginConflictError`) until one of
+them is uninstalled; their other sinks keep working.
+
+Options are given as ``None`` (all defaults), a ``dict`` or an instance of the sink's options
+class; :func:`validate_options` checks them against the class's annotations and returns an
+instance of it. :func:`describe` lists a sink's options for help texts.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import enum
+import functools
+import importlib.metadata
+import logging
+import os
+import re
+import reprlib
+import threading
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
+
+import pluggy
+
+from . import hookspecs
+from .errors import ListeningError
+from .hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME, SINK_NAME_RE, SinkSpec
+
+if TYPE_CHECKING:
+    from .sinks import AudioSink
+
+__all__ = [
+    "KNOWN_DISTRIBUTIONS",
+    "EntryPointLike",
+    "InvalidPluginError",
+    "OptionInfo",
+    "OptionsError",
+    "PluginConflictError",
+    "PluginError",
+    "SinkRegistry",
+    "UnknownSinkError",
+    "default_registry",
+    "describe",
+    "validate_options",
+]
+
+_log = logging.getLogger(__name__)
+
+KNOWN_DISTRIBUTIONS: Mapping[str, str] = types.MappingProxyType(
+    {
+        "wav": "listening-sink-wav",
+        "flac": "listening-sink-flac",
+        "mp3": "listening-sink-mp3",
+        "vad-segments": "listening-sink-vad",
+        "mixdown": "listening-sink-mixdown",
+        "ogg-opus": "listening-sink-ogg",
+    }
+)
+"""Sink name → the distribution that provides it, for the sinks this project publishes."""
+
+_HOOK_NAMES = ("listening_sinks", "listening_sink_created", "listening_session_finished")
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+class PluginError(ListeningError):
+    """A sink plugin is missing, broken, or clashes with another one."""
+
+
+class InvalidPluginError(PluginError):
+    """A plugin breaks the contract of :mod:`listening_core.hookspecs`.
+
+    Raised by :meth:`SinkRegistry.register` (and by :meth:`SinkRegistry.create` when a factory
+    returns something that is not a sink); plugins found through entry points are recorded in
+    :attr:`SinkRegistry.failures` instead.
+    """
+
+    plugin: str | None
+    """The plugin's name (its entry point name, or the name given to ``register``)."""
+
+    def __init__(self, message: str, *, plugin: str | None = None) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+
+
+class PluginConflictError(PluginError):
+    """Two or more plugins provide a sink with the same name; uninstall one of them."""
+
+    sink: str
+    """The contested sink name."""
+    providers: tuple[str, ...]
+    """Who provides it: ``"<distribution> <version>"`` or ``"plugin '<name>' (registered in code)"``."""
+
+    def __init__(self, message: str, *, sink: str = "", providers: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.sink = sink
+        self.providers = providers
+
+
+class UnknownSinkError(PluginError, LookupError):
+    """No installed plugin provides a sink with this name.
+
+    The message lists the installed sinks, suggests near names and says what to install.
+    """
+
+    sink: str
+    """The name that was asked for."""
+    installed: tuple[str, ...]
+    """The names of the sinks that are available."""
+    suggestions: tuple[str, ...]
+    """Near names (installed or published by this project), best first."""
+    install: str | None
+    """The distribution the message suggests installing, if any."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sink: str = "",
+        installed: tuple[str, ...] = (),
+        suggestions: tuple[str, ...] = (),
+        install: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.sink = sink
+        self.installed = installed
+        self.suggestions = suggestions
+        self.install = install
+
+    def __str__(self) -> str:
+        # LookupError subclasses keep Exception's __str__, but be explicit: no KeyError quoting
+        return str(self.args[0]) if self.args else ""
+
+
+class OptionsError(ListeningError, ValueError):
+    """The options given for a sink are unknown, ill-typed or rejected by the sink.
+
+    A sink's options class may raise it from ``__post_init__`` too (a plain ``ValueError`` works
+    as well and is converted).
+    """
+
+    sink: str | None
+    """The sink the options were for."""
+    option: str | None
+    """The offending option, when one can be named."""
+
+    def __init__(self, message: str, *, sink: str | None = None, option: str | None = None) -> None:
+        super().__init__(message)
+        self.sink = sink
+        self.option = option
+
+
+# ------------------------------------------------------------------------------ options: types
+
+
+class _Mismatch(Exception):
+    """A value does not fit an annotation (internal; becomes an :class:`OptionsError`)."""
+
+    def __init__(self, expected: Any, value: object, detail: str | None = None) -> None:
+        super().__init__(expected, value, detail)
+        self.expected = expected
+        self.value = value
+        self.detail = detail
+
+    def __str__(self) -> str:
+        text = f"must be {_expected(self.expected)}, got {_show(self.value)}"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+def _show(value: object) -> str:
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
+
+
+def _is_union(tp: object) -> bool:
+    origin = typing.get_origin(tp)
+    return origin is Union or origin is types.UnionType
+
+
+def _type_str(tp: Any) -> str:
+    """A short, Python-like spelling of an annotation: ``int | None``, ``'a' | 'b'``, ``Path``."""
+    if tp is type(None) or tp is None:
+        return "None"
+    if tp is Any:
+        return "Any"
+    if tp is Ellipsis:
+        return "..."
+    if isinstance(tp, list):  # the argument list of Callable[[int, str], None]
+        return "[" + ", ".join(_type_str(arg) for arg in tp) + "]"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(arg) for arg in args)
+    if _is_union(tp):
+        return " | ".join(_type_str(arg) for arg in args)
+    if origin is not None:
+        name = "Callable" if origin is collections.abc.Callable else getattr(origin, "__name__", repr(origin))
+        return f"{name}[{', '.join(_type_str(arg) for arg in args)}]" if args else name
+    if isinstance(tp, type):
+        return tp.__name__
+    return repr(tp).removeprefix("typing.")
+
+
+def _expected(tp: Any) -> str:
+    """How an error message says what an annotation accepts."""
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(tp))
+    if _is_union(tp):
+        return " or ".join(_expected(arg) for arg in typing.get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        members = list(tp)
+        names = ", ".join(f"{tp.__name__}.{m.name}" for m in members)
+        values = ", ".join(repr(m.value) for m in members)
+        return f"one of {names} (or their values {values})"
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        return f"{tp.__name__} or str"
+    return _type_str(tp)
+
+
+def _coerce(value: object, tp: Any) -> Any:
+    """Check ``value`` against annotation ``tp``; return it, converted where allowed.
+
+    Raises :class:`_Mismatch` when it does not fit.
+    """
+    if tp is Any or tp is object:
+        return value
+    supertype = getattr(tp, "__supertype__", None)  # typing.NewType
+    if supertype is not None:
+        return _coerce(value, supertype)
+    if tp is type(None) or tp is None:
+        if value is None:
+            return None
+        raise _Mismatch(type(None), value)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        for choice in args:
+            if value == choice and type(value) is type(choice):
+                return choice
+        raise _Mismatch(tp, value)
+    if _is_union(tp):
+        if value is None and type(None) in args:
+            return None
+        alternatives = [arg for arg in args if arg is not type(None)]
+        last: _Mismatch | None = None
+        for arg in alternatives:
+            try:
+                return _coerce(value, arg)
+            except _Mismatch as exc:
+                last = exc
+        detail = last.detail if last is not None and len(alternatives) == 1 else None
+        raise _Mismatch(tp, value, detail)
+    if origin is collections.abc.Callable or tp is collections.abc.Callable:
+        if callable(value):
+            return value
+        raise _Mismatch(tp, value)
+    if origin is tuple or tp is tuple:
+        return _coerce_tuple(value, tp, args)
+    if origin in (list, collections.abc.Sequence) or tp is list:
+        if not isinstance(value, list | tuple):
+            raise _Mismatch(tp, value)
+        return (
+            [_coerce_item(item, args[0], index, tp, value) for index, item in enumerate(value)]
+            if args
+            else list(value)
+        )
+    if origin in (dict, collections.abc.Mapping) or tp is dict:
+        return _coerce_dict(value, tp, args)
+    if origin is not None:
+        if isinstance(origin, type) and not isinstance(value, origin):
+            raise _Mismatch(tp, value)
+        return value
+    return _coerce_plain(value, tp)
+
+
+def _coerce_item(item: object, item_tp: Any, index: int, tp: Any, value: object) -> Any:
+    try:
+        return _coerce(item, item_tp)
+    except _Mismatch as exc:
+        raise _Mismatch(tp, value, f"item {index} {exc}") from None
+
+
+def _coerce_tuple(value: object, tp: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise _Mismatch(tp, value)
+    if not args:
+        return tuple(value)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce_item(item, args[0], i, tp, value) for i, item in enumerate(value))
+    if len(value) != len(args):
+        raise _Mismatch(tp, value, f"expected {len(args)} items, got {len(value)}")
+    return tuple(
+        _coerce_item(item, arg, i, tp, value) for i, (item, arg) in enumerate(zip(value, args, strict=True))
+    )
+
+
+def _coerce_dict(value: object, tp: Any, args: tuple[Any, ...]) -> dict[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise _Mismatch(tp, value)
+    if not args:
+        return dict(value)
+    key_tp, value_tp = args
+    result: dict[Any, Any] = {}
+    for key, item in value.items():
+        try:
+            result[_coerce(key, key_tp)] = _coerce(item, value_tp)
+        except _Mismatch as exc:
+            raise _Mismatch(tp, value, f"at key {key!r}: {exc}") from None
+    return result
+
+
+def _coerce_plain(value: object, tp: Any) -> Any:
+    if not isinstance(tp, type):
+        return value  # a typing construct we cannot check (TypeVar, ...): accept as is
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, float):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    elif issubclass(tp, PurePath):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str | os.PathLike):
+            return tp(value)
+    elif issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+        if isinstance(value, str) and value in tp.__members__:
+            return tp.__members__[value]
+    elif isinstance(value, tp):
+        return value
+    raise _Mismatch(tp, value)
+
+
+# ---------------------------------------------------------------------------- options: checking
+
+
+@dataclass(frozen=True, slots=True)
+class OptionInfo:
+    """One option of a sink, as :func:`describe` reports it."""
+
+    name: str
+    """The option's name (a field of the options class)."""
+    type_str: str
+    """Its annotation, spelled briefly: ``int``, ``Path | None``, ``'fast' | 'slow'``."""
+    default: Any
+    """Its default value (``default_factory`` already called)."""
+    help: str
+    """One line from ``field(metadata={"help": ...})``; empty if the plugin gave none."""
+
+    def __str__(self) -> str:
+        text = f"{self.name}: {self.type_str} = {_format_default(self.default)}"
+        return f"{text} — {self.help}" if self.help else text
+
+
+def _format_default(value: object) -> str:
+    if isinstance(value, PurePath):
+        return repr(str(value))
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, types.FunctionType | types.BuiltinFunctionType | type):
+        return value.__qualname__
+    return reprlib.repr(value)
+
+
+def _init_fields(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _type_hints(spec: SinkSpec) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(spec.options)
+    except Exception as exc:
+        raise InvalidPluginError(
+            f"sink {spec.name!r}{_from(spec)}: cannot resolve the annotations of its options class "
+            f"{spec.options.__qualname__}: {type(exc).__name__}: {exc}; define the class and the "
+            "types it names at module level",
+        ) from exc
+
+
+def describe(spec: SinkSpec) -> list[OptionInfo]:
+    """List the options of ``spec``'s sink in declaration order: name, type, default, help."""
+    hints = _type_hints(spec)
+    return [
+        OptionInfo(
+            name=name,
+            type_str=_type_str(hints.get(name, Any)),
+            default=_default_of(f),
+            help=str(f.metadata.get("help", "")),
+        )
+        for name, f in _init_fields(spec.options).items()
+    ]
+
+
+def _options_listing(spec: SinkSpec) -> str:
+    infos = describe(spec)
+    if not infos:
+        return f"sink {spec.name!r} takes no options"
+    return "valid options:\n" + "\n".join(f"  {info}" for info in infos)
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> list[str]:
+    return difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+
+
+def _or_list(words: Sequence[str]) -> str:
+    quoted = [repr(w) for w in words]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def _mentioned_option(message: str, names: Iterable[str]) -> str | None:
+    found = [name for name in names if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", message)]
+    return found[0] if len(found) == 1 else None
+
+
+def validate_options(spec: SinkSpec, options: object = None) -> Any:
+    """Check ``options`` for ``spec``'s sink and return an instance of ``spec.options``.
+
+    ``options`` is ``None`` (all defaults), a mapping of option names to values, or an instance
+    of the options class (returned as is when every field already has the right type).
+    Values are checked against the field annotations and converted where that is lossless
+    and expected (``str`` → ``Path``, ``int`` → ``float``, ``list`` → ``tuple``, an enum value
+    or name → the member). The options class's ``__post_init__`` runs on the result.
+
+    Raises :class:`OptionsError` for an unknown option (listing the valid ones), an ill-typed
+    value (naming the option, the expected type and the value) or a value ``__post_init__``
+    rejects; :class:`InvalidPluginError` if the options class's annotations cannot be resolved.
+    """
+    cls = spec.options
+    fields = _init_fields(cls)
+    given: dict[str, Any]
+    if options is None:
+        given = {}
+    elif isinstance(options, cls):
+        given = {name: getattr(options, name) for name in fields}
+    elif isinstance(options, Mapping):
+        given = dict(options)
+        unknown = [key for key in given if key not in fields]
+        if unknown:
+            raise _unknown_options_error(spec, unknown, fields)
+    else:
+        raise OptionsError(
+            f"sink {spec.name!r}: options must be None, a dict or a {cls.__qualname__}, "
+            f"got {type(options).__qualname__}",
+            sink=spec.name,
+        )
+    hints = _type_hints(spec)
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        value = given[name] if name in given else _default_of(f)
+        try:
+            values[name] = _coerce(value, hints.get(name, Any))
+        except _Mismatch as exc:
+            raise OptionsError(
+                f"sink {spec.name!r}: option {name!r} {exc}", sink=spec.name, option=name
+            ) from None
+    if isinstance(options, cls) and all(_same(values[name], given[name]) for name in fields):
+        return options
+    try:
+        return cls(**values)
+    except OptionsError as exc:
+        if exc.sink is not None:
+            raise
+        raise OptionsError(f"sink {spec.name!r}: {exc}", sink=spec.name, option=exc.option) from exc
+    except (ValueError, TypeError) as exc:
+        option = _mentioned_option(str(exc), fields)
+        if option is not None:
+            where = f"option {option!r} = {reprlib.repr(values[option])}"
+        else:
+            where = "options " + (
+                ", ".join(f"{k}={reprlib.repr(v)}" for k, v in given.items()) or "(defaults)"
+            )
+        raise OptionsError(
+            f"sink {spec.name!r}: {where} rejected: {exc}", sink=spec.name, option=option
+        ) from exc
+
+
+def _same(converted: object, original: object) -> bool:
+    """Whether checking left a value as it was (a rebuilt but equal tuple or list counts)."""
+    if converted is original:
+        return True
+    if type(converted) is not type(original) or not isinstance(original, list | tuple):
+        return False
+    assert isinstance(converted, list | tuple)
+    return len(converted) == len(original) and all(map(_same, converted, original))
+
+
+def _unknown_options_error(spec: SinkSpec, unknown: list[Any], fields: Mapping[str, object]) -> OptionsError:
+    parts = []
+    for key in unknown:
+        if not isinstance(key, str):
+            parts.append(f"{key!r} (option names are strings)")
+            continue
+        near = _did_you_mean(key, fields)
+        parts.append(f"{key!r} (did you mean {_or_list(near)}?)" if near else repr(key))
+    noun = "option" if len(unknown) == 1 else "options"
+    first = unknown[0] if isinstance(unknown[0], str) else None
+    return OptionsError(
+        f"sink {spec.name!r} has no {noun} {', '.join(parts)}\n{_options_listing(spec)}",
+        sink=spec.name,
+        option=first,
+    )
+
+
+# ---------------------------------------------------------------------------------- the registry
+
+
+class EntryPointLike(Protocol):
+    """What the registry needs of an entry point (:class:`importlib.metadata.EntryPoint` fits)."""
+
+    @property
+    def name(self) -> str:
+        """The entry point's name (left of ``=``)."""
+
+    @property
+    def value(self) -> str:
+        """The object reference it names (``module`` or ``module:attr``)."""
+
+    @property
+    def dist(self) -> Any:
+        """The distribution declaring it (with ``name`` and ``version``), or ``None``."""
+
+    def load(self) -> Any:
+        """Import and return the plugin object."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Provided:
+    spec: SinkSpec
+    plugin: str
+
+
+def _from(spec: SinkSpec) -> str:
+    return f" ({spec.distribution} {spec.version})" if spec.distribution else ""
+
+
+def _dist_of(ep: EntryPointLike) -> tuple[str | None, str | None]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    name = getattr(dist, "name", None)
+    version = getattr(dist, "version", None)
+    return (str(name) if name else None), (str(version) if version else None)
+
+
+class SinkRegistry:
+    """The sinks available in this process, by name, and the pluggy machinery behind them.
+
+    :meth:`load` finds plugins through the entry-point group; :meth:`register` adds one from
+    code (tests, ad-hoc plugins). :meth:`create` builds a sink by name with validated options.
+    Most code uses the per-process instance from :func:`default_registry`; tests make their own.
+
+    Registration is serialised by a lock; lookups and :meth:`create` may run on any thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        group: str = ENTRY_POINT_GROUP,
+        entry_points: Callable[[], Iterable[EntryPointLike]] | None = None,
+    ) -> None:
+        """Make an empty registry for ``group``.
+
+        ``entry_points`` replaces the discovery of entry points (by default
+        ``importlib.metadata.entry_points(group=group)``), for tests.
+        """
+        self._group = group
+        self._entry_points = entry_points
+        self._pm = pluggy.PluginManager(PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._lock = threading.RLock()
+        self._sinks: dict[str, _Provided] = {}
+        self._conflicts: dict[str, list[_Provided]] = {}
+        self._failures: dict[str, Exception] = {}
+        self._failed_dist: dict[str, tuple[str | None, str | None]] = {}
+        self._seen: set[tuple[str | None, str, str]] = set()
+
+    # -- loading
+
+    def load(self) -> None:
+        """Load every plugin of the entry-point group that is not loaded yet.
+
+        Never raises for a broken plugin: one that fails to import, raises from its hooks or
+        breaks the contract is recorded in :attr:`failures` and logged as a warning; a sink name
+        two plugins provide is recorded in :attr:`conflicts`. Calling it again loads only
+        entry points that appeared since.
+        """
+        with self._lock:
+            for ep in self._iter_entry_points():
+                dist, version = _dist_of(ep)
+                key = (dist, ep.name, ep.value)
+                if key in self._seen:
+                    continue
+                self._seen.add(key)
+                origin = f"{dist} {version}" if dist else f"entry point {ep.value!r}"
+                try:
+                    plugin = ep.load()
+                except Exception as exc:
+                    self._fail(ep.name, dist, version, exc)
+                    _log.warning(
+                        "sink plugin %r from %s could not be imported, its sinks are unavailable: %s: %s",
+                        ep.name,
+                        origin,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    _log.debug("import of sink plugin %r failed", ep.name, exc_info=exc)
+                    continue
+                if self._pm.is_registered(plugin):
+                    _log.debug("sink plugin %r (%s) is already registered; skipped", ep.name, origin)
+                    continue
+                name = ep.name if not self._pm.has_plugin(ep.name) else f"{dist}:{ep.name}"
+                try:
+                    self._add(plugin, name, dist, version, strict=False)
+                except InvalidPluginError as exc:
+                    self._fail(ep.name, dist, version, exc)
+                    _log.warning(
+                        "sink plugin %r from %s is broken, its sinks are unavailable: %s",
+                        ep.name,
+                        origin,
+                        exc,
+                    )
+
+    def _iter_entry_points(self) -> Iterable[EntryPointLike]:
+        if self._entry_points is not None:
+            return self._entry_points()
+        return importlib.metadata.entry_points(group=self._group)
+
+    def _fail(self, ep_name: str, dist: str | None, version: str | None, exc: Exception) -> None:
+        self._failures[ep_name] = exc
+        self._failed_dist[ep_name] = (dist, version)
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        """Register ``plugin`` (a module or object with :data:`~listening_core.hookspecs.hookimpl`
+        functions) from code, and add the sinks its ``listening_sinks`` returns.
+
+        Returns the plugin's name (``name``, or pluggy's canonical name for it). Raises
+        :class:`InvalidPluginError` if it breaks the contract and :class:`PluginConflictError`
+        if it provides a sink name that is already taken; in both cases nothing is registered.
+        """
+        with self._lock:
+            plugin_name = name or self._pm.get_canonical_name(plugin)
+            self._add(plugin, plugin_name, None, None, strict=True)
+            return plugin_name
+
+    def _add(self, plugin: object, name: str, dist: str | None, version: str | None, *, strict: bool) -> None:
+        label = f"{dist} {version}" if dist else f"plugin {name!r}"
+        if self._pm.has_plugin(name) or self._pm.is_registered(plugin):
+            raise InvalidPluginError(
+                f"{label}: a plugin named {name!r} or this very plugin is already registered"
+            )
+        try:
+            registered = self._pm.register(plugin, name=name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            raise InvalidPluginError(f"{label}: cannot register: {exc}", plugin=name) from exc
+        if registered is None:
+            raise InvalidPluginError(f"{label}: the plugin name {name!r} is blocked", plugin=name)
+        try:
+            self._check_hooks(plugin, name, label)
+            provided = [
+                _Provided(dataclasses.replace(spec, distribution=dist, version=version), name)
+                for spec in self._collect(plugin, name, label)
+            ]
+            for item in provided:
+                self._check_options_class(item.spec, name)
+            clashes = [
+                item
+                for item in provided
+                if item.spec.name in self._sinks or item.spec.name in self._conflicts
+            ]
+            if strict and clashes:
+                first = clashes[0]
+                raise self._conflict_error(first.spec.name, [*self._providers_of(first.spec.name), first])
+        except BaseException:
+            self._pm.unregister(plugin)
+            raise
+        for item in provided:
+            sink = item.spec.name
+            if sink in self._conflicts:
+                self._conflicts[sink].append(item)
+            elif sink in self._sinks:
+                self._conflicts[sink] = [self._sinks.pop(sink), item]
+            else:
+                self._sinks[sink] = item
+                continue
+            _log.warning("%s", self._conflict_error(sink, self._conflicts[sink]))
+
+    def _check_hooks(self, plugin: object, name: str, label: str) -> None:
+        callers = self._pm.get_hookcallers(plugin) or []
+        if not callers:
+            raise InvalidPluginError(
+                f"{label}: defines no hooks; decorate its functions with listening_core.hookspecs.hookimpl "
+                f"(a pluggy marker for project {PROJECT_NAME!r})",
+                plugin=name,
+            )
+        for caller in callers:
+            if caller.has_spec():
+                continue
+            if all(impl.optionalhook for impl in caller.get_hookimpls() if impl.plugin is plugin):
+                continue
+            near = difflib.get_close_matches(caller.name, _HOOK_NAMES, n=1)
+            hint = (
+                f" (did you mean {_or_list(near)}?)" if near else f"; the hooks are {', '.join(_HOOK_NAMES)}"
+            )
+            raise InvalidPluginError(
+                f"{label}: {caller.name!r} is not a listening_core hook{hint}", plugin=name
+            )
+
+    def _collect(self, plugin: object, name: str, label: str) -> list[SinkSpec]:
+        # call this plugin's implementations only, to know whose sinks they are
+        impls = [
+            impl
+            for impl in self._pm.hook.listening_sinks.get_hookimpls()
+            if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper)
+        ]
+        try:
+            results = [impl.function() for impl in impls]
+        except Exception as exc:
+            raise InvalidPluginError(
+                f"{label}: listening_sinks() raised {type(exc).__name__}: {exc}", plugin=name
+            ) from exc
+        specs: list[SinkSpec] = []
+        for result in results:
+            if not isinstance(result, list | tuple) or not all(isinstance(s, SinkSpec) for s in result):
+                raise InvalidPluginError(
+                    f"{label}: listening_sinks() must return a list of SinkSpec, got {reprlib.repr(result)}",
+                    plugin=name,
+                )
+            specs.extend(result)
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise InvalidPluginError(f"{label}: provides sink {spec.name!r} twice", plugin=name)
+            seen.add(spec.name)
+        return specs
+
+    @staticmethod
+    def _check_options_class(spec: SinkSpec, plugin: str) -> None:
+        cls = spec.options
+        if "<locals>" in cls.__qualname__:
+            raise InvalidPluginError(
+                f"sink {spec.name!r}{_from(spec)}: options class {cls.__qualname__} is defined inside a "
+                "function; define it at module level so its instances can be pickled",
+                plugin=plugin,
+            )
+        try:
+            validate_options(spec, None)
+        except InvalidPluginError:
+            raise
+        except OptionsError as exc:
+            raise InvalidPluginError(
+                f"sink {spec.name!r}{_from(spec)}: its default options are invalid: {exc}", plugin=plugin
+            ) from exc
+        except Exception as exc:
+            raise InvalidPluginError(
+                f"sink {spec.name!r}{_from(spec)}: building its default options raised "
+                f"{type(exc).__name__}: {exc}",
+                plugin=plugin,
+            ) from exc
+
+    # -- conflicts and failures
+
+    @staticmethod
+    def _labels(items: Sequence[_Provided]) -> list[str]:
+        labels = [
+            f"{item.spec.distribution} {item.spec.version}"
+            if item.spec.distribution
+            else f"plugin {item.plugin!r} (registered in code)"
+            for item in items
+        ]
+        if len(set(labels)) < len(labels):  # one distribution twice: tell its entry points apart
+            labels = [f"{label} (plugin {item.plugin!r})" for label, item in zip(labels, items, strict=True)]
+        return labels
+
+    def _providers_of(self, sink: str) -> list[_Provided]:
+        if sink in self._conflicts:
+            return list(self._conflicts[sink])
+        return [self._sinks[sink]]
+
+    def _conflict_error(self, sink: str, items: Sequence[_Provided]) -> PluginConflictError:
+        labels = self._labels(items)
+        if len(labels) == 2:
+            who, fix = f"both {labels[0]} and {labels[1]}", "uninstall one of them"
+        else:
+            who, fix = ", ".join(labels[:-1]) + " and " + labels[-1], "uninstall all but one of them"
+        dists = [item.spec.distribution for item in items if item.spec.distribution]
+        if dists:
+            fix += f" (e.g. pip uninstall {dists[-1]})"
+        return PluginConflictError(
+            f"sink {sink!r} is provided by {who}; {fix}", sink=sink, providers=tuple(labels)
+        )
+
+    @property
+    def failures(self) -> dict[str, Exception]:
+        """Plugins that could not be loaded: entry point name → the exception (a copy)."""
+        with self._lock:
+            return dict(self._failures)
+
+    @property
+    def conflicts(self) -> dict[str, PluginConflictError]:
+        """Sink names provided by more than one plugin, which :meth:`get` refuses (a copy)."""
+        with self._lock:
+            return {sink: self._conflict_error(sink, items) for sink, items in self._conflicts.items()}
+
+    # -- lookup
+
+    def names(self) -> list[str]:
+        """The names of the available sinks, sorted."""
+        with self._lock:
+            return sorted(self._sinks)
+
+    def specs(self) -> list[SinkSpec]:
+        """The :class:`SinkSpec` of every available sink, sorted by name."""
+        with self._lock:
+            return [self._sinks[name].spec for name in sorted(self._sinks)]
+
+    def __contains__(self, name: object) -> bool:
+        """Whether a sink of this name is available."""
+        return name in self._sinks
+
+    def get(self, name: str) -> SinkSpec:
+        """The :class:`SinkSpec` of sink ``name``.
+
+        Raises :class:`UnknownSinkError` (saying what is installed and what to install) or
+        :class:`PluginConflictError` (saying which distributions clash).
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"a sink name must be a str, got {type(name).__qualname__}")
+        with self._lock:
+            provided = self._sinks.get(name)
+            if provided is not None:
+                return provided.spec
+            if name in self._conflicts:
+                raise self._conflict_error(name, self._conflicts[name])
+            raise self._unknown_sink_error(name)
+
+    def _unknown_sink_error(self, name: str) -> UnknownSinkError:
+        key = name.strip().lower().replace("_", "-").replace(" ", "-")
+        installed = [self._sinks[n].spec for n in sorted(self._sinks)]
+        candidates = sorted(
+            {spec.name for spec in installed} | set(KNOWN_DISTRIBUTIONS) | set(self._conflicts)
+        )
+        partial = [c for c in candidates if len(key) >= 3 and (c.startswith(key) or key in c.split("-"))]
+        exact = [key] if key in candidates else []
+        suggestions = [s for s in [*exact, *_did_you_mean(key, candidates), *partial] if s != name]
+        suggestions = list(dict.fromkeys(suggestions))[:3]
+        lines = [
+            f"unknown sink {name!r}" + (f"; did you mean {_or_list(suggestions)}?" if suggestions else "")
+        ]
+
+        def failure_line(ep_name: str) -> str:
+            dist, version = self._failed_dist[ep_name]
+            exc = self._failures[ep_name]
+            where = f"{dist} {version} (entry point {ep_name!r})" if dist else f"entry point {ep_name!r}"
+            return f"{where}: {type(exc).__name__}: {exc}"
+
+        likely = [
+            ep
+            for ep, (dist, _version) in self._failed_dist.items()
+            if key in (ep, ep.replace("_", "-"))
+            or (dist is not None and dist in (KNOWN_DISTRIBUTIONS.get(key), f"listening-sink-{key}"))
+        ]
+        install: str | None = None
+        if likely:
+            lines.append(
+                f"{key!r} is probably provided by a plugin that is installed but failed to load: "
+                f"{failure_line(likely[0])}; fix or reinstall it"
+            )
+        lines.extend(
+            f"{s!r} is unavailable: {self._conflict_error(s, self._conflicts[s])}"
+            for s in suggestions
+            if s in self._conflicts
+        )
+        if installed:
+            width = max(len(spec.name) for spec in installed)
+            lines.append("installed sinks:")
+            lines.extend(f"  {spec.name.ljust(width)} — {spec.summary}{_from(spec)}" for spec in installed)
+        else:
+            lines.append("no sinks are installed")
+        if not likely:
+            installed_names = {spec.name for spec in installed}
+            known = [
+                s
+                for s in [key, *suggestions]
+                if s in KNOWN_DISTRIBUTIONS and s not in installed_names and s not in self._conflicts
+            ]
+            if known:
+                install = KNOWN_DISTRIBUTIONS[known[0]]
+                lines.append(f"the {known[0]!r} sink comes with {install}: pip install {install}")
+            elif SINK_NAME_RE.fullmatch(key):
+                install = f"listening-sink-{key}"
+                lines.append(f"if {key!r} comes from a plugin, install it: pip install {install}")
+        others = [ep for ep in self._failures if ep not in likely[:1]]
+        if others:
+            lines.append("plugins that failed to load:")
+            lines.extend(f"  {failure_line(ep)}" for ep in others)
+        return UnknownSinkError(
+            "\n".join(lines),
+            sink=name,
+            installed=tuple(spec.name for spec in installed),
+            suggestions=tuple(suggestions),
+            install=install,
+        )
+
+    # -- using sinks
+
+    def validate_options(self, spec: SinkSpec | str, options: object = None) -> Any:
+        """:func:`validate_options` for a :class:`SinkSpec` or the name of an available sink."""
+        return validate_options(self.get(spec) if isinstance(spec, str) else spec, options)
+
+    def create(self, name: str, options: object = None) -> AudioSink:
+        """Build a new sink ``name`` for one listening session.
+
+        Validates ``options`` (see :func:`validate_options`), calls the sink's factory with the
+        options object, then the ``listening_sink_created`` hook of every plugin. Raises
+        :class:`UnknownSinkError`, :class:`PluginConflictError`, :class:`OptionsError`;
+        an exception from the factory propagates with a note naming the sink and its plugin.
+        """
+        spec = self.get(name)
+        plugin = self._sinks[name].plugin
+        opts = validate_options(spec, options)
+        try:
+            sink = spec.factory(opts)
+        except Exception as exc:
+            exc.add_note(f"raised by the factory of sink {spec.name!r}{_from(spec)} for {opts!r}")
+            raise
+        if not (callable(getattr(sink, "on_audio", None)) and callable(getattr(sink, "cleanup", None))):
+            raise InvalidPluginError(
+                f"sink {spec.name!r}{_from(spec)}: the factory returned {reprlib.repr(sink)}, which is not an "
+                "AudioSink (it needs on_audio() and cleanup())",
+                plugin=plugin,
+            )
+        if bool(getattr(sink, "wants_pcm", True)) != spec.wants_pcm:
+            _cleanup_quietly(sink, spec)
+            raise InvalidPluginError(
+                f"sink {spec.name!r}{_from(spec)}: its SinkSpec says wants_pcm={spec.wants_pcm}, but the "
+                f"{type(sink).__qualname__} it built has wants_pcm={not spec.wants_pcm}; make them agree "
+                "(set the class attribute wants_pcm on the sink class)",
+                plugin=plugin,
+            )
+        try:
+            self._pm.hook.listening_sink_created(sink=sink, spec=spec, options=opts)
+        except BaseException:
+            _cleanup_quietly(sink, spec)
+            raise
+        return sink
+
+    def session_finished(
+        self, sink: AudioSink, spec: SinkSpec | None = None, error: BaseException | None = None
+    ) -> None:
+        """Call the ``listening_session_finished`` hook; exceptions from it are logged, not raised."""
+        try:
+            self._pm.hook.listening_session_finished(sink=sink, spec=spec, error=error)
+        except Exception:
+            _log.exception("a listening_session_finished hook raised")
+
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """The underlying :class:`pluggy.PluginManager` (for tooling; prefer the methods above)."""
+        return self._pm
+
+
+def _cleanup_quietly(sink: AudioSink, spec: SinkSpec) -> None:
+    """Clean up a sink that will never be used; its own failure is logged, not raised."""
+    try:
+        sink.cleanup()
+    except Exception:
+        _log.exception("cleanup of the unused sink %r failed", spec.name)
+
+
+@functools.cache
+def default_registry() -> SinkRegistry:
+    """The process's registry, with the installed plugins loaded on first use.
+
+    Each process (a sharded bot runs several) has its own; nothing is shared between them.
+    """
+    registry = SinkRegistry()
+    registry.load()
+    return registry
