@@ -95,6 +95,11 @@ class DaveClient:
         """DAVE-encrypt one Opus frame (davey raises ValueError when not ready)."""
         return bytes(self._require_session().encrypt_opus(frame))
 
+    def encrypt(self, frame: bytes, media_type: davey.MediaType = davey.MediaType.video) -> bytes:
+        """DAVE-encrypt a non-Opus frame (video by default), as a client with its camera on does."""
+        codec = davey.Codec.h264 if media_type == davey.MediaType.video else davey.Codec.opus
+        return bytes(self._require_session().encrypt(media_type, codec, frame))
+
     def decrypt(self, user_id: int, frame: bytes) -> bytes:
         """DAVE-decrypt one Opus frame sent by ``user_id``."""
         return bytes(self._require_session().decrypt(user_id, davey.MediaType.audio, frame))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..rtp import RtcpHeader, RtpHeader
 from .dave_client import DaveClient
-from .media import FRAME_SAMPLES, FRAME_SECONDS, Schedule
+from .media import FRAME_SAMPLES, FRAME_SECONDS, SILENCE_FRAME, Schedule
 
 if TYPE_CHECKING:
     from ..crypto import TransportCipher
@@ -36,6 +36,8 @@ __all__ = ["SentOpus", "VirtualMember"]
 
 EXTENSION_PROFILE = 0xBEDE
 RTCP_SR = 200
+VIDEO_PAYLOAD_TYPE = 101  # H.264 as Discord's clients number it
+CLIENT_CONNECT = 12
 NTP_UNIX_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
 
 
@@ -96,6 +98,10 @@ class VirtualMember:
         self._seq = self._rng.randrange(0, 1 << 16)
         self._ts_base = self._rng.randrange(0, 1 << 32)
         self._epoch: float | None = None
+        self.rtx_ssrc = 0
+        self.video_sent = 0
+        self._video_seq = self._rng.randrange(0, 1 << 16)
+        self._video_ts = self._rng.randrange(0, 1 << 32)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -237,6 +243,63 @@ class VirtualMember:
     def _announce(self, call: VoiceCall, flags: int) -> None:
         if self.joined:
             self._discord.spawn(call.speaking(self, flags))
+
+    def send_frame(self, opus: bytes, *, timestamp: int | None = None) -> SentOpus:
+        """Send one frame now, outside any schedule (e.g. a corrupt one); recorded in :attr:`sent`.
+
+        The timestamp defaults to the slot of the current wall-clock time, as a client's would.
+        """
+        call = self.call
+        if call is None or not self.joined:
+            raise RuntimeError(f"{self!r} must join a voice channel before sending")
+        now = asyncio.get_running_loop().time()
+        if timestamp is None:
+            if self._epoch is None:
+                self._epoch = now
+            timestamp = (
+                self._ts_base + round((now - self._epoch) / FRAME_SECONDS) * FRAME_SAMPLES
+            ) & 0xFFFFFFFF
+        self._send(call, opus, timestamp, opus == SILENCE_FRAME, now)
+        return self.sent[-1]
+
+    async def start_video(self, packets: int = 10, *, payload_type: int = VIDEO_PAYLOAD_TYPE) -> int:
+        """Turn a camera on: announce video and RTX SSRCs (op 12) and send ``packets`` video packets.
+
+        Returns the video SSRC. Receivers must never hand these packets to an Opus decoder.
+        """
+        call = self.call
+        if call is None or not self.joined:
+            raise RuntimeError(f"{self!r} must join a voice channel before sending video")
+        if not self.video_ssrc:
+            self.video_ssrc = call.new_ssrc()
+            self.rtx_ssrc = call.new_ssrc()
+        announcement = {
+            "user_id": str(self.user_id),
+            "audio_ssrc": self.ssrc,
+            "video_ssrc": self.video_ssrc,
+            "rtx_ssrc": self.rtx_ssrc,
+            "streams": [
+                {"type": "video", "ssrc": self.video_ssrc, "rtx_ssrc": self.rtx_ssrc, "active": True}
+            ],
+        }
+        for other in call.participants():
+            if other is not self:
+                await other.send_json(CLIENT_CONNECT, announcement)
+        for _ in range(packets):
+            frame = self._rng.randbytes(self._rng.randrange(200, 1000))
+            payload = self.dave.encrypt(frame) if self.dave is not None and self.dave.can_encrypt else frame
+            header = RtpHeader(
+                sequence=self._video_seq,
+                timestamp=self._video_ts,
+                ssrc=self.video_ssrc,
+                payload_type=payload_type,
+            )
+            call.relay.forward_rtp(self, header, payload)
+            self.video_sent += 1
+            self._video_seq = (self._video_seq + 1) & 0xFFFF
+            self._video_ts = (self._video_ts + 3000) & 0xFFFFFFFF
+            await asyncio.sleep(0.005)
+        return self.video_ssrc
 
     def _send(self, call: VoiceCall, opus: bytes, timestamp: int, silence: bool, now: float) -> None:
         if call.dave_version > 0:
