@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .crypto import TransportCipher, dave_decrypt, transport_cipher
-from .errors import DaveError, PacketError
+from .errors import PacketError
 from .jitter import FrameKind as JitterKind
 from .jitter import JitterBuffer, Playout
 from .opus import packet_has_fec
 from .pool import AudioProcessPool, WorkerDied
-from .rtp import OPUS_PAYLOAD_TYPE, PacketKind, RtcpHeader, RtpHeader, classify
+from .rtp import OPUS_PAYLOAD_TYPE, PacketKind, RtcpHeader, RtpHeader, classify, seq_add, seq_diff
 from .sinks import FRAME_SAMPLES, AudioFrame, AudioSink, FrameKind, RtcpPacket, SessionInfo
 from .timeline import SessionClock, StreamTimeline
 from .unpacker import CONCEALED, DECODE, FAILED, FEC, PLC, DecodeAnswer, DecodeJob
@@ -50,13 +50,6 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 __all__ = ["AudioReceiver", "ListenOptions", "UserStats"]
-
-_KINDS = {
-    JitterKind.RECEIVED: FrameKind.RECEIVED,
-    JitterKind.SILENCE: FrameKind.SILENCE,
-    JitterKind.FEC: FrameKind.FEC,
-    JitterKind.PLC: FrameKind.PLC,
-}
 
 
 @dataclass(frozen=True)
@@ -117,14 +110,19 @@ class _Stream:
     """One SSRC's state in a session."""
 
     __slots__ = (
-        "dave_queue",
+        "blocked_since",
         "jitter",
         "key",
         "last_arrival",
-        "recent",
-        "recent_order",
+        "last_placed_arrival",
+        "opened",
+        "pending",
+        "seen_duplicates",
+        "seen_late",
         "speaking",
         "ssrc",
+        "start_buffer",
+        "start_until",
         "timeline",
         "user_id",
         "worker",
@@ -139,10 +137,15 @@ class _Stream:
         self.jitter = jitter
         self.timeline = timeline
         self.last_arrival = 0.0
+        self.last_placed_arrival = float("-inf")
         self.speaking = False
-        self.recent: set[int] = set()
-        self.recent_order: collections.deque[int] = collections.deque()
-        self.dave_queue: collections.deque[tuple[int, int, bytes, float]] = collections.deque()
+        self.start_buffer: list[tuple[int, int, bytes, float]] | None = []
+        self.start_until = 0.0
+        self.pending: collections.deque[Playout] = collections.deque()
+        self.opened: dict[int, bytes] = {}  # frames DAVE-decrypted ahead of their turn, by sequence
+        self.blocked_since: float | None = None
+        self.seen_duplicates = 0
+        self.seen_late = 0
         self.worker: int | None = None
 
 
@@ -222,8 +225,9 @@ class AudioReceiver(threading.Thread):
         """Discard audio from now on (what is pending is delivered); the timeline keeps running."""
         with self._lock:
             self._paused = True
+            now = time.monotonic()
             for stream in self._streams.values():
-                self._drain_stream(stream, final=True)
+                self._drain_stream(stream, now, final=True)
                 stream.speaking = False
 
     def resume(self) -> None:
@@ -257,8 +261,7 @@ class AudioReceiver(threading.Thread):
             now = time.monotonic()
             self._attribute_unmapped(now, final=True)
             for stream in list(self._streams.values()):
-                self._retry_dave(stream, now, final=True)
-                self._drain_stream(stream, final=True)
+                self._drain_stream(stream, now, final=True)
             self._flush_jobs()
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
@@ -344,152 +347,194 @@ class AudioReceiver(threading.Thread):
             self._packet(header, payload, user_id, now)
 
     def _packet(self, header: RtpHeader, payload: bytes, user_id: int, now: float) -> None:
-        """A transport-decrypted packet of a known user (lock held)."""
+        """A transport-decrypted packet of a known user, still DAVE-encrypted (lock held)."""
         stats = self.stats[user_id]
         stats.packets += 1
         stats.decrypted += 1
-        stream = self._stream(header.ssrc, user_id)
-        seq = header.sequence
-        if seq in stream.recent:
-            stats.duplicates += 1
+        stream = self._stream(header.ssrc, user_id, now)
+        stream.last_arrival = now
+        if not stream.speaking:
+            stream.speaking = True
+            self._dispatch("listening_speaking_start", user_id)
+        if stream.start_buffer is not None:
+            # A new stream: its first packets may arrive out of order, and DAVE refuses any frame
+            # older than the first one it opens, so they are put in order before anything else.
+            stream.start_buffer.append((header.sequence, header.timestamp, payload, now))
             return
-        stream.recent.add(seq)
-        stream.recent_order.append(seq)
-        if len(stream.recent_order) > 1024:
-            stream.recent.discard(stream.recent_order.popleft())
-        stream.dave_queue.append((seq, header.timestamp, payload, now))
-        if len(stream.dave_queue) == 1:
-            self._retry_dave(stream, now)
-        elif len(stream.dave_queue) > self.options.max_held_per_stream:
-            self._retry_dave(stream, now, final=True)
+        self._jitter(stream, stream.jitter.push(header.sequence, header.timestamp, payload, now), now)
 
-    def _stream(self, ssrc: int, user_id: int) -> _Stream:
+    def _stream(self, ssrc: int, user_id: int, now: float) -> _Stream:
         stream = self._streams.get(ssrc)
         if stream is None or stream.user_id != user_id:
-            jitter = JitterBuffer(self.options.jitter_delay, has_fec=packet_has_fec)
+            # FEC is proposed for every lost frame followed by its neighbour; whether that frame
+            # really carries FEC is known only once it is DAVE-decrypted (see _open).
+            jitter = JitterBuffer(self.options.jitter_delay, has_fec=_always)
             stream = _Stream(ssrc, user_id, (self.session_id, ssrc), jitter, StreamTimeline(self.clock))
+            stream.start_until = now + self.options.jitter_delay
             if self.pool is not None:
                 stream.worker = self.pool.worker_for(stream.key)
             self._streams[ssrc] = stream
         return stream
 
-    def _retry_dave(self, stream: _Stream, now: float, *, final: bool = False) -> None:
-        """Open the DAVE layer of the stream's queued frames, in order (lock held).
+    def _start(self, stream: _Stream, now: float) -> None:
+        """End a stream's start window: its first packets enter the jitter buffer in order."""
+        buffered = stream.start_buffer
+        stream.start_buffer = None
+        if not buffered:
+            return
+        first = buffered[0][0]
+        for seq, ts, payload, arrival in sorted(buffered, key=lambda p: seq_diff(p[0], first)):
+            self._jitter(stream, stream.jitter.push(seq, ts, payload, arrival), now)
 
-        A frame whose key is not usable yet stays queued (and so do the frames after it, to keep
-        order) until it opens or is older than ``dave_hold``; a frame that fails while a later
-        one opens is undecryptable (tampered or replayed) and is dropped.
+    def _jitter(self, stream: _Stream, out: list[Playout], now: float) -> None:
+        """Count what the jitter buffer dropped and open the DAVE layer of what it released."""
+        jstats = stream.jitter.stats
+        stats = self.stats[stream.user_id]
+        if jstats.duplicates != stream.seen_duplicates:
+            stats.duplicates += jstats.duplicates - stream.seen_duplicates
+            stream.seen_duplicates = jstats.duplicates
+        if jstats.late != stream.seen_late:
+            stats.late += jstats.late - stream.seen_late
+            stream.seen_late = jstats.late
+            self._warn_once(stream.user_id, "late", "a packet arrived after its frame was concealed; dropped")
+        if out:
+            stream.pending.extend(out)
+        if stream.pending:
+            self._open(stream, now)
+
+    def _open(self, stream: _Stream, now: float, *, final: bool = False) -> None:
+        """Open the DAVE layer of released frames, in sequence order (lock held).
+
+        A frame whose key is not usable yet stays queued, with everything after it, until it
+        opens or has waited ``dave_hold``; if a later frame opens meanwhile, the key is there and
+        the waiting frame is undecryptable. Frames that never open are concealed and counted.
+        A lost frame marked for FEC keeps FEC only if the next frame, decrypted, carries it.
         """
         conn = self.voice_client._connection
-        session = conn.dave_session
-        version = conn.dave_protocol_version
+        session, version = conn.dave_session, conn.dave_protocol_version
         stats = self.stats[stream.user_id]
-        q = stream.dave_queue
-        blocked: list[tuple[int, int, bytes, float]] = []
+        q = stream.pending
+        waited = stream.blocked_since is not None
         while q:
-            seq, ts, payload, arrival = item = q.popleft()
-            try:
-                opus = dave_decrypt(session, stream.user_id, payload, protocol_version=version)
-            except DaveError as exc:
-                if exc.reason == "no-key" and not final and now - arrival < self.options.dave_hold:
-                    blocked.append(item)
+            item = q[0]
+            if item.kind is JitterKind.PLC:
+                q.popleft()
+                self._emit(stream, item, FrameKind.PLC, None, lost=True)
+                continue
+            fec = item.kind is JitterKind.FEC
+            target = seq_add(item.sequence, 1) if fec else item.sequence
+            opus = stream.opened.get(target) if fec else stream.opened.pop(target, None)
+            if opus is None:
+                assert item.payload is not None
+                try:
+                    opus = dave_decrypt(session, stream.user_id, item.payload, protocol_version=version)
+                except Exception as exc:
+                    reason = getattr(exc, "reason", "")
+                    if reason == "no-key" and not final:
+                        if stream.blocked_since is None:
+                            stream.blocked_since = now
+                        if now - stream.blocked_since < self.options.dave_hold and not self._later_opens(
+                            stream
+                        ):
+                            return  # wait for the key
+                    q.popleft()
+                    stream.blocked_since = None
+                    if fec:  # the next frame will fail on its own; this one is simply concealed
+                        self._emit(stream, item, FrameKind.PLC, None, lost=True)
+                        continue
+                    self._dave_failed(stream, exc)
+                    self._emit(stream, item, FrameKind.PLC, None)
                     continue
-                self._dave_failed(stream, exc, len(blocked) + 1)
-                blocked.clear()
+                if fec:
+                    stream.opened[target] = opus
+            q.popleft()
+            stream.blocked_since = None
+            if fec:
+                self._emit(stream, item, FrameKind.FEC if _has_fec(opus) else FrameKind.PLC, opus, lost=True)
                 continue
-            except Exception as exc:  # davey raising something unexpected must not end the session
-                self._dave_failed(stream, exc, len(blocked) + 1)
-                blocked.clear()
-                continue
-            if blocked:
-                # a later frame opened: the blocked ones had keys available and still failed
-                self._dave_failed(stream, DaveError("dave-failed", "undecryptable frame"), len(blocked))
-                blocked.clear()
             stats.dave_decrypted += 1
-            if now - arrival > self.options.tick * 2:
+            if waited and item.arrival is not None and now - item.arrival > self.options.tick:
                 stats.dave_held += 1
-            self._ordered(stream, seq, ts, opus, arrival)
-        if blocked:
-            q.extend(blocked)
+            kind = FrameKind.SILENCE if item.kind is JitterKind.SILENCE else FrameKind.RECEIVED
+            self._emit(stream, item, kind, opus)
 
-    def _dave_failed(self, stream: _Stream, exc: BaseException, count: int) -> None:
+    def _later_opens(self, stream: _Stream) -> bool:
+        """Whether a frame queued after the blocked head opens (then the head never will)."""
+        conn = self.voice_client._connection
+        for item in list(stream.pending)[1:]:
+            if item.kind is not JitterKind.RECEIVED or item.sequence in stream.opened:
+                continue
+            assert item.payload is not None
+            try:
+                opus = dave_decrypt(
+                    conn.dave_session,
+                    stream.user_id,
+                    item.payload,
+                    protocol_version=conn.dave_protocol_version,
+                )
+            except Exception:
+                return False
+            stream.opened[item.sequence] = opus
+            return True
+        return False
+
+    def _dave_failed(self, stream: _Stream, exc: BaseException) -> None:
         stats = self.stats[stream.user_id]
-        stats.dave_failures += count
-        stats.dropped["dave-" + getattr(exc, "reason", "error")] += count
+        stats.dave_failures += 1
+        stats.dropped["dave-" + (getattr(exc, "reason", "") or "error")] += 1
         self._warn_once(stream.user_id, "dave", f"DAVE decryption failed ({exc}); the frame is concealed")
 
-    def _ordered(self, stream: _Stream, seq: int, ts: int, opus: bytes, arrival: float) -> None:
-        """One decrypted frame into the speaker's jitter buffer (lock held)."""
-        if not stream.speaking:
-            stream.speaking = True
-            self._dispatch("listening_speaking_start", stream.user_id)
-        spurt = arrival - stream.last_arrival > self.options.spurt_gap
-        stream.last_arrival = arrival
-        jitter = stream.jitter
-        before = (jitter.stats.duplicates, jitter.stats.late)
-        out = jitter.push(seq, ts, opus, arrival)
-        self._count_jitter(stream, before)
-        self._playout(stream, out, spurt_arrival=arrival if spurt else None)
-
-    def _count_jitter(self, stream: _Stream, before: tuple[int, int]) -> None:
+    def _emit(
+        self, stream: _Stream, item: Playout, kind: FrameKind, opus: bytes | None, *, lost: bool = False
+    ) -> None:
+        """Place one frame on the timeline and queue its decode, or deliver it (lock held)."""
         stats = self.stats[stream.user_id]
-        dups = stream.jitter.stats.duplicates - before[0]
-        late = stream.jitter.stats.late - before[1]
-        if dups:
-            stats.duplicates += dups
-        if late:
-            stats.late += late
-            self._warn_once(stream.user_id, "late", "a packet arrived after its frame was concealed; dropped")
-
-    def _playout(self, stream: _Stream, out: list[Playout], *, spurt_arrival: float | None = None) -> None:
-        """Place released frames on the timeline and queue their decode (lock held)."""
-        if not out:
-            return
-        stats = self.stats[stream.user_id]
-        member = self.voice_client._member(stream.user_id)
-        for item in out:
-            kind = _KINDS[item.kind]
-            arrival = item.arrival
-            spurt_start = spurt_arrival is not None and arrival == spurt_arrival
-            position = stream.timeline.place(item.timestamp, arrival, spurt_start=spurt_start)
-            frame = AudioFrame(
-                user_id=stream.user_id,
-                ssrc=stream.ssrc,
-                sequence=item.sequence,
-                timestamp=item.timestamp,
-                position=position,
-                kind=kind,
-                opus=item.payload if kind in (FrameKind.RECEIVED, FrameKind.SILENCE) else None,
-                member=member,
+        arrival = item.arrival
+        spurt_start = False
+        if arrival is not None:
+            spurt_start = arrival - stream.last_placed_arrival > self.options.spurt_gap
+            stream.last_placed_arrival = arrival
+        position = stream.timeline.place(item.timestamp, arrival, spurt_start=spurt_start)
+        frame = AudioFrame(
+            user_id=stream.user_id,
+            ssrc=stream.ssrc,
+            sequence=item.sequence,
+            timestamp=item.timestamp,
+            position=position,
+            kind=kind,
+            opus=opus if kind in (FrameKind.RECEIVED, FrameKind.SILENCE) else None,
+            member=self.voice_client._member(stream.user_id),
+        )
+        if lost:
+            stats.lost += 1
+            self._warn_once(
+                stream.user_id, "lost", "frames were lost; recovering them (FEC) or concealing them"
             )
-            if kind is FrameKind.FEC:
-                stats.lost += 1
-                stats.recovered_fec += 1
-                self._warn_once(
-                    stream.user_id, "lost", "frames were lost; recovering them (FEC) or concealing them"
-                )
-            elif kind is FrameKind.PLC:
-                stats.lost += 1
-                stats.concealed += 1
-                self._warn_once(
-                    stream.user_id, "lost", "frames were lost; recovering them (FEC) or concealing them"
-                )
-            if self.pool is None or stream.worker is None:
-                stats.frames += 1
-                self._delivery.put([frame])
-                continue
-            if kind is FrameKind.FEC:
-                job: DecodeJob = (stream.key, FEC, item.payload, FRAME_SAMPLES)
-            elif kind is FrameKind.PLC:
-                job = (stream.key, PLC, None, FRAME_SAMPLES)
-            else:
-                job = (stream.key, DECODE, item.payload, FRAME_SAMPLES)
-            self._jobs[stream.worker].append(job)
-            self._meta[stream.worker].append(frame)
+        if kind is FrameKind.FEC:
+            stats.recovered_fec += 1
+        elif kind is FrameKind.PLC:
+            stats.concealed += 1
+        if self.pool is None or stream.worker is None:
+            stats.frames += 1
+            self._delivery.put([frame])
+            return
+        if kind is FrameKind.FEC:
+            job: DecodeJob = (stream.key, FEC, opus, FRAME_SAMPLES)
+        elif kind is FrameKind.PLC:
+            job = (stream.key, PLC, None, FRAME_SAMPLES)
+        else:
+            job = (stream.key, DECODE, opus, FRAME_SAMPLES)
+        self._jobs[stream.worker].append(job)
+        self._meta[stream.worker].append(frame)
 
-    def _drain_stream(self, stream: _Stream, *, final: bool) -> None:
-        out = stream.jitter.flush() if final else stream.jitter.poll(time.monotonic())
-        self._playout(stream, out)
+    def _drain_stream(self, stream: _Stream, now: float, *, final: bool) -> None:
+        """Release what the stream holds: what is due, or everything when ``final``."""
+        if stream.start_buffer is not None and (final or now >= stream.start_until):
+            self._start(stream, now)
+        out = stream.jitter.flush() if final else stream.jitter.poll(now)
+        self._jitter(stream, out, now)
+        if final and stream.pending:
+            self._open(stream, now, final=True)
 
     # -- the receiver thread's tick ----------------------------------------------------------
 
@@ -497,11 +542,7 @@ class AudioReceiver(threading.Thread):
         with self._lock:
             self._attribute_unmapped(now)
             for stream in list(self._streams.values()):
-                if stream.dave_queue:
-                    self._retry_dave(stream, now)
-                before = (stream.jitter.stats.duplicates, stream.jitter.stats.late)
-                self._playout(stream, stream.jitter.poll(now))
-                self._count_jitter(stream, before)
+                self._drain_stream(stream, now, final=False)
                 if stream.speaking and now - stream.last_arrival > self.options.speaking_timeout:
                     stream.speaking = False
                     self._dispatch("listening_speaking_stop", stream.user_id)
@@ -684,6 +725,17 @@ class AudioReceiver(threading.Thread):
         member = vc._member(user_id)
         with contextlib.suppress(RuntimeError):  # the event loop is closing
             self.loop.call_soon_threadsafe(vc.client.dispatch, event, member or vc._user(user_id), vc)
+
+
+def _always(payload: bytes) -> bool:
+    return True
+
+
+def _has_fec(opus: bytes) -> bool:
+    try:
+        return packet_has_fec(opus)
+    except Exception:  # a corrupt frame carries no usable FEC
+        return False
 
 
 async def _await(awaitable: Any) -> None:

@@ -84,6 +84,10 @@ class LocalDiscord:
         a :class:`~listening_core.testing.faults.FaultConfig` applied to every relayed stream.
     ``seed``
         seeds SSRCs and everything else random that tests may want to reproduce.
+    ``dave_delay``
+        seconds by which DAVE messages to real clients lag (media does not): frames under a new
+        key then reach a client before the key does, as happens on Discord after joins and
+        epoch changes.
     """
 
     API_HOST = "discord.com"
@@ -101,6 +105,7 @@ class LocalDiscord:
         seed: int = 0,
         guild_name: str = "Loopback Guild",
         record: bool = True,
+        dave_delay: float = 0.0,
     ) -> None:
         unknown = [m for m in modes if m not in SUPPORTED_MODES]
         if unknown or not modes:
@@ -111,6 +116,7 @@ class LocalDiscord:
         self.faults = faults or FaultConfig(seed=seed)
         self.seed = seed
         self.record = record
+        self.dave_delay = dave_delay
         self.rng = random.Random(seed)
         self.world = World(guild_name=guild_name)
         self.gateway = MainGateway(self)

@@ -81,6 +81,8 @@ class VoiceSession:
         self._replay: collections.deque[tuple[int, str | bytes]] = collections.deque(maxlen=REPLAY_BUFFER)
         self._counter = secrets.randbits(32)
         self._send_lock = asyncio.Lock()
+        self._dave_outbox: collections.deque[tuple[float, Outgoing]] = collections.deque()
+        self._dave_pump: asyncio.Future[None] | None = None
 
     # -- what the call and relay use ---------------------------------------------------------
 
@@ -124,12 +126,34 @@ class VoiceSession:
                 await ws.send_bytes(raw)
 
     async def deliver_dave(self, out: Outgoing) -> list[Outgoing]:
-        """Send one DAVE message from the call's group; replies arrive later on the websocket."""
+        """Send one DAVE message from the call's group; replies arrive later on the websocket.
+
+        With the loopback's ``dave_delay`` the message leaves that much later (in order), as when
+        the gateway is slower than media: frames under a new key reach the client before the key.
+        """
+        delay = self.call.discord.dave_delay
+        if delay <= 0 and not self._dave_outbox:
+            await self._send_dave(out)
+            return []
+        self._dave_outbox.append((asyncio.get_running_loop().time() + delay, out))
+        if self._dave_pump is None or self._dave_pump.done():
+            self._dave_pump = asyncio.ensure_future(self._pump_dave())
+        return []
+
+    async def _send_dave(self, out: Outgoing) -> None:
         if out.binary is not None:
             await self.send_binary(out.opcode, out.binary)
         else:
             await self.send_json(out.opcode, out.json)
-        return []
+
+    async def _pump_dave(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._dave_outbox:
+            due, out = self._dave_outbox[0]
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            self._dave_outbox.popleft()
+            await self._send_dave(out)
 
     async def close(self, code: int, reason: str) -> None:
         ws = self.ws
