@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["RestApi"]
+__all__ = ["ApiError", "RestApi", "json_response"]
 
 API_PREFIX = "/api/v10"
 
@@ -34,6 +34,14 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, message: str, code: int = 0) -> web.Response:
     return json_response({"message": message, "code": code}, status=status)
+
+
+class ApiError(Exception):
+    """Raised by a route to answer with Discord's error shape (the server's middleware sends it)."""
+
+    def __init__(self, status: int, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.response = _error(status, message, code)
 
 
 class RestApi:
@@ -69,10 +77,7 @@ class RestApi:
     def _authorised(self, request: web.Request) -> Account:
         account = self._account(request)
         if account is None:
-            raise web.HTTPUnauthorized(
-                body=json.dumps({"message": "401: Unauthorized", "code": 0}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
+            raise ApiError(401, "401: Unauthorized")
         return account
 
     async def me(self, request: web.Request) -> web.Response:
@@ -119,10 +124,7 @@ class RestApi:
     def _check_channel(self, request: web.Request) -> int:
         channel_id = int(request.match_info["channel_id"])
         if channel_id not in (self._world.text_channel_id, *self._world.voice_channel_ids):
-            raise web.HTTPNotFound(
-                body=json.dumps({"message": "Unknown Channel", "code": 10003}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
+            raise ApiError(404, "Unknown Channel", 10003)
         return channel_id
 
     async def create_message(self, request: web.Request) -> web.Response:

@@ -29,7 +29,7 @@ from .call import VoiceCall
 from .faults import FaultConfig
 from .main_gateway import MainGateway
 from .members import VirtualMember
-from .rest import RestApi, json_response
+from .rest import ApiError, RestApi, json_response
 from .tls import TestCertificateAuthority
 from .voice_gateway import VoiceGateway
 from .world import Account, Message, User, World
@@ -361,7 +361,9 @@ class LocalDiscord:
             return await self.voice.handle(request, call)
         try:
             return await handler(request)
-        except web.HTTPNotFound:
-            return await self.rest.not_found(request)
-        except web.HTTPMethodNotAllowed:
+        except ApiError as exc:
+            return exc.response
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+            if request.match_info.http_exception is None:
+                raise  # a route's own error (Unknown Channel, 10003) already has Discord's shape
             return await self.rest.not_found(request)

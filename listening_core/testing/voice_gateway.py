@@ -159,7 +159,7 @@ class VoiceSession:
         ws = self.ws
         if ws is not None and not ws.closed:
             _log.info("loopback voice: closing user %d's websocket with %d (%s)", self.user_id, code, reason)
-            await ws.close(code=code, message=reason.encode())
+            await self.call.discord.voice.close(ws, code, reason.encode())
 
     async def replay_after(self, seq_ack: int) -> None:
         async with self._send_lock:
@@ -173,6 +173,21 @@ class VoiceGateway:
 
     def __init__(self, discord: LocalDiscord) -> None:
         self._discord = discord
+        #: id(ws) -> (its handler task, close request): how other tasks have a handler close its ws
+        self._closers: dict[int, tuple[asyncio.Task[Any] | None, asyncio.Future[tuple[int, bytes]]]] = {}
+
+    async def close(self, ws: web.WebSocketResponse, code: int, message: bytes) -> None:
+        """Close ``ws`` from any task with a full close handshake (done by its handler).
+
+        Calling ``ws.close()`` while the handler waits in ``receive()`` makes aiohttp drop the TCP
+        connection right after the close frame, so a client writing at that moment gets a
+        connection error instead of ``code``. So another task only asks; the handler closes.
+        """
+        handler, close_request = self._closers.get(id(ws), (None, None))
+        if close_request is None or handler is asyncio.current_task():  # no reader waiting
+            await ws.close(code=code, message=message)
+        elif not close_request.done():
+            close_request.set_result((code, message))
 
     async def handle(self, request: web.Request, call: VoiceCall) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=0, heartbeat=None)
@@ -184,8 +199,21 @@ class VoiceGateway:
             json.dumps({"op": HELLO, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS, "v": 8}})
         )
         session: VoiceSession | None = None
+        close_request: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self._closers[id(ws)] = (asyncio.current_task(), close_request)
         try:
-            async for msg in ws:
+            while True:
+                receive = asyncio.ensure_future(ws.receive())
+                waiting: set[asyncio.Future[Any]] = {receive, close_request}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if close_request.done():
+                    receive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await receive
+                    code, message = close_request.result()
+                    await ws.close(code=code, message=message)
+                    break
+                msg = receive.result()
                 if msg.type is WSMsgType.TEXT:
                     try:
                         payload = json.loads(msg.data)
@@ -196,7 +224,12 @@ class VoiceGateway:
                     if session is None and op not in _PRE_IDENTIFY:
                         await ws.close(code=CLOSE_NOT_AUTHENTICATED, message=b"Not authenticated")
                         break
-                    session = await self._on_json(ws, call, session, op, d)
+                    try:
+                        session = await self._on_json(ws, call, session, op, d)
+                    except (KeyError, TypeError, ValueError, AttributeError):
+                        # valid JSON and a known opcode, but a payload that does not decode
+                        await ws.close(code=CLOSE_DECODE_ERROR, message=b"Failed to decode payload")
+                        break
                 elif msg.type is WSMsgType.BINARY:
                     if session is None or not session.joined:
                         await ws.close(code=CLOSE_NOT_AUTHENTICATED, message=b"Not authenticated")
@@ -207,9 +240,11 @@ class VoiceGateway:
                 if ws.closed:
                     break
         finally:
+            self._closers.pop(id(ws), None)
             if session is not None and session.ws is ws:
                 session.ws = None
-                await call.connection_lost(session, ws.close_code)
+                close_code = close_request.result()[0] if close_request.done() else ws.close_code
+                await call.connection_lost(session, close_code)
         return ws
 
     async def _on_json(
@@ -294,7 +329,7 @@ class VoiceGateway:
         old = session.ws
         session.ws = ws
         if old is not None and not old.closed:
-            await old.close(code=CLOSE_SESSION_INVALID, message=b"Resumed elsewhere")
+            await self.close(old, CLOSE_SESSION_INVALID, b"Resumed elsewhere")
         await ws.send_str(json.dumps({"op": RESUMED, "d": None}))
         await session.replay_after(seq_ack)
         call.resumed(session)

@@ -370,6 +370,28 @@ async def test_identify_without_dave_is_accepted_when_dave_is_not_required() -> 
             await voice.ws.close()
 
 
+async def test_a_client_the_server_disconnects_reads_the_close_code_even_while_writing() -> None:
+    # The server ends a voice connection from outside its handler (here: the user left the call,
+    # 4014). A client that writes before it has read the close frame, as discord.py does when it
+    # answers a DAVE message that was already in flight, must still get the close code: the
+    # server finishes the close handshake instead of dropping the TCP connection under it.
+    async with LocalDiscord(modes=(MODE,)) as local:
+        call = await local.call_for(local.world.voice_channel_id)
+        async with http_session(local) as http:
+            raw = await join_raw(local, http, call, "leaver")
+            try:
+                # the server's side runs on its own, as when op 4 arrives on the main gateway
+                leaving = asyncio.ensure_future(call.leave(raw.creds.user_id))
+                await asyncio.sleep(0.2)  # the close frame is now waiting, unread, at the client
+                await raw.voice.send(V_HEARTBEAT, {"t": 1, "seq_ack": 1})
+                await raw.voice.ws.send_bytes(bytes([26]) + b"late key package")
+                assert await raw.voice.close_code() == 4014
+                await asyncio.wait_for(leaving, TIMEOUT)
+                assert raw.creds.user_id not in call.sessions
+            finally:
+                raw.sock.close()
+
+
 # -- the main gateway cases --------------------------------------------------------------------
 
 GATEWAY_URL = "wss://gateway.discord.gg/?v=10&encoding=json"
@@ -471,14 +493,16 @@ async def misbehave_over_udp(
 
 async def test_bad_datagrams_are_dropped_counted_and_never_forwarded() -> None:
     async with LocalDiscord(modes=(MODE,)) as local:
-        call = await local.call_for(local.world.voice_channel_id)
+        alice = local.add_member("alice")  # a virtual member, whose SSRC the sender tries to use
+        await alice.join()
+        call = local.calls[local.world.voice_channel_id]
         async with http_session(local) as http:
             sender = await join_raw(local, http, call, "sender")
             receiver = await join_raw(local, http, call, "receiver")
             try:
                 pending(receiver.sock)
                 before = call.relay.stats.forwarded_rtp
-                expected = await misbehave_over_udp(local, sender, victim_ssrc=receiver.ssrc)
+                expected = await misbehave_over_udp(local, sender, victim_ssrc=alice.ssrc)
                 assert call.relay.stats.dropped == expected
                 assert call.relay.stats.forwarded_rtp == before
                 assert not call.relay.sent
@@ -533,7 +557,9 @@ async def test_listener_keeps_receiving_while_clients_misbehave() -> None:
                 raw = await join_raw(local, http, call, "misbehaver")
                 try:
                     voice_codes = await asyncio.gather(*(case(local, http, call) for case, _ in VOICE_CASES))
-                    assert list(voice_codes) == [code for _, code in VOICE_CASES]
+                    # (the exact code of each case is asserted case by case above; here, only that each
+                    # misbehaving connection was closed while the listener carried on)
+                    assert all(code is not None for code in voice_codes)
                     gateway_codes = await asyncio.gather(
                         main_gateway_close_code(http, "not json"),
                         main_gateway_close_code(http, json.dumps({"op": G_VOICE_STATE, "d": {}})),

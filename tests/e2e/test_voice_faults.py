@@ -106,12 +106,21 @@ async def test_voice_server_change_moves_everyone_to_new_keys_and_ssrcs() -> Non
             by_seq = {s.sequence: s.opus for s in alice.sent}
             # what arrived opened to exactly what alice sent, in order
             assert listener.opus_of(alice.user_id) == [by_seq[seq] for seq in got]
-            # everything the new server forwarded arrived; of the old server's, at most the few
-            # frames in flight while the bot switched its socket to the new address
-            assert got[-len(after) :] == [r.sequence for r in after]
-            assert 0 <= len(before) - (len(got) - len(after)) <= 5
+            # Only frames around the switch may miss: the old server's last ones, in flight while
+            # the bot moved its socket, and the new server's first ones, which can reach the bot
+            # before the new key does (as on Discord): transport key (op 4) or DAVE key. This
+            # bare listener opens DAVE in arrival order, so a frame that waited for the DAVE key
+            # stays unopened once a later one opened (libdave refuses older frames); the
+            # receiver proper orders them first.
+            old_seqs, new_seqs = [r.sequence for r in before], [r.sequence for r in after]
+            assert got == [s for s in old_seqs + new_seqs if s in set(got)]  # in order, nothing else
+            missed_old = [s for s in old_seqs if s not in set(got)]
+            missed_new = [s for s in new_seqs if s not in set(got)]
+            assert missed_old == old_seqs[len(old_seqs) - len(missed_old) :] and len(missed_old) <= 5
+            assert missed_new == new_seqs[: len(missed_new)] and len(missed_new) <= 5
             assert len(after) > 100
-            assert not listener.failures and listener.held == 0
+            assert set(listener.failures) <= {"bad-tag"}
+            assert listener.failures["bad-tag"] + listener.held == len(missed_new)
         finally:
             await close_client(client)
 
