@@ -17,11 +17,13 @@ __all__ = [
     "LocalDiscord",
     "Schedule",
     "VirtualMember",
+    "close_client",
     "connect_client",
+    "join_voice",
 ]
 
 if TYPE_CHECKING:
-    from .clients import connect_client
+    from .clients import close_client, connect_client, join_voice
     from .faults import FaultConfig, FaultInjector
     from .media import Schedule
     from .members import VirtualMember
@@ -33,7 +35,9 @@ _LAZY = {
     "LocalDiscord": ".server",
     "Schedule": ".media",
     "VirtualMember": ".members",
+    "close_client": ".clients",
     "connect_client": ".clients",
+    "join_voice": ".clients",
 }
 
 

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .server import LocalDiscord
     from .world import Account
 
-__all__ = ["close_client", "connect_client"]
+__all__ = ["close_client", "connect_client", "join_voice"]
 
 ClientT = TypeVar("ClientT", bound=discord.Client)
 
@@ -59,3 +59,32 @@ async def close_client(client: discord.Client) -> None:
         with contextlib.suppress(Exception):
             await vc.disconnect(force=True)
     await client.close()
+
+
+async def join_voice(
+    local: LocalDiscord,
+    name: str = "recorder",
+    *,
+    channel_id: int | None = None,
+    timeout: float = 20.0,
+) -> tuple[discord.Client, Any]:
+    """Log a new bot in, connect it to a voice channel with ``listening_core.VoiceClient`` and
+    wait until its DAVE session is ready (when the call uses DAVE).
+
+    Returns ``(client, voice_client)``; stop both with :func:`close_client`.
+    """
+    from ..voice_client import VoiceClient
+
+    client = await connect_client(local, local.add_bot(name))
+    channel = client.get_channel(channel_id or local.world.voice_channel_id)
+    if not isinstance(channel, discord.VoiceChannel):
+        raise ValueError(f"{channel_id} is not a voice channel of the loopback guild")
+    vc = await asyncio.wait_for(channel.connect(cls=VoiceClient), timeout)
+    if local.dave_version > 0:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (vc._connection.dave_session and vc._connection.dave_session.ready):
+            if loop.time() > deadline:
+                raise TimeoutError(f"{name}'s DAVE session was not ready after {timeout} s")
+            await asyncio.sleep(0.02)
+    return client, vc
