@@ -75,7 +75,7 @@ async def join_voice(
     """
     from ..voice_client import VoiceClient
 
-    client = await connect_client(local, local.add_bot(name))
+    client: discord.Client = await connect_client(local, local.add_bot(name))
     channel = client.get_channel(channel_id or local.world.voice_channel_id)
     if not isinstance(channel, discord.VoiceChannel):
         raise ValueError(f"{channel_id} is not a voice channel of the loopback guild")
