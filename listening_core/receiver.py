@@ -106,6 +106,11 @@ class UserStats:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    end: int  # the session sample at which listening stopped
+
+
 class _Stream:
     """One SSRC's state in a session."""
 
@@ -185,6 +190,7 @@ class AudioReceiver(threading.Thread):
         self._unmapped: dict[int, collections.deque[tuple[RtpHeader, bytes, float]]] = {}
         self._lock = threading.RLock()
         self._paused = False
+        self._stopped_at: float | None = None
         self._stopping = threading.Event()
         self._finished = threading.Event()
         self._jobs: dict[int, list[DecodeJob]] = collections.defaultdict(list)
@@ -240,6 +246,8 @@ class AudioReceiver(threading.Thread):
 
     def stop(self) -> None:
         """End the session: every frame received so far is delivered, then the sink is cleaned up."""
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
         self._stopping.set()
 
     def run(self) -> None:
@@ -275,6 +283,7 @@ class AudioReceiver(threading.Thread):
                 self.pool.release(keys)
             if self._own_pool:
                 self.pool.shutdown()
+        self._delivery.put(_Stop(self.clock.sample_at(self._stopped_at or time.monotonic())))
         self._delivery.put(None)
         self._delivery_thread.join()
         if self._on_finished is not None:
@@ -652,6 +661,8 @@ class AudioReceiver(threading.Thread):
             try:
                 if isinstance(item, RtcpPacket):
                     sink.on_rtcp(item)
+                elif isinstance(item, _Stop):
+                    sink.on_stop(item.end)
                 else:
                     for frame in item:
                         sink.on_audio(frame)

@@ -116,9 +116,10 @@ class AudioSink(abc.ABC):
     """Receives a listening session's audio.
 
     ``on_audio`` is called for every frame, in order per user, from the session's delivery thread;
-    ``on_rtcp`` for every RTCP packet; ``cleanup`` once when the session ends (after the last
-    frame). An exception from any of them stops this sink and reaches ``listen``'s ``after``.
-    Set ``wants_pcm = False`` on sinks that only keep Opus: the session then skips decoding.
+    ``on_rtcp`` for every RTCP packet; ``on_stop`` with the session's final sample after the last
+    frame; ``cleanup`` once when the session ends. An exception from any of them stops this sink
+    and reaches ``listen``'s ``after``. Set ``wants_pcm = False`` on sinks that only keep Opus:
+    the session then skips decoding.
     """
 
     wants_pcm: ClassVar[bool] = True
@@ -132,6 +133,12 @@ class AudioSink(abc.ABC):
 
     def on_rtcp(self, packet: RtcpPacket) -> None:  # noqa: B027 - optional hook
         """Handle one decrypted RTCP packet (default: ignore it)."""
+
+    def on_stop(self, end: int) -> None:  # noqa: B027 - optional hook
+        """The session stopped at session sample ``end``; called after the last frame, before cleanup.
+
+        File sinks extend every track to ``end`` so all tracks have the session's length.
+        """
 
     def cleanup(self) -> None:  # noqa: B027 - optional hook
         """The session ended: flush and close. Called exactly once."""
@@ -323,6 +330,9 @@ class AudioFileSink(AudioHandlingSink):
 
     def on_start(self, session: SessionInfo) -> None:
         self._session = session
+
+    def on_stop(self, end: int) -> None:
+        self.extend_to(end)
 
     def file_name(self, frame: AudioFrame) -> str:
         """The (unique, safe) file name of ``frame``'s user."""
