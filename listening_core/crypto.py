@@ -287,13 +287,20 @@ def _dave_reason(message: str) -> str:
 
 
 def dave_decrypt(
-    session: DaveSessionLike | None, user_id: int, frame: bytes, *, protocol_version: int
+    session: DaveSessionLike | None,
+    user_id: int,
+    frame: bytes,
+    *,
+    protocol_version: int,
+    downgraded: bool = False,
 ) -> bytes:
     """Remove DAVE end-to-end encryption from one transport-decrypted audio frame.
 
     - the Opus silence frame ``F8 FF FE`` passes as is;
     - ``protocol_version`` 0 (DAVE off): the frame passes as is, unless it carries a DAVE trailer
       and the session is still ready (a sender finishing a downgrade), then it is decrypted;
+    - ``downgraded`` (the call went to version 0 and is upgrading back): a plain frame passes, as
+      senders send plain frames until the upgrade's transition executes;
     - DAVE on but no ready session yet: :class:`DaveError` ``"no-key"`` (hold and retry);
     - otherwise ``session.decrypt``; a plain frame is accepted only while
       ``session.can_passthrough(user_id)``.
@@ -306,6 +313,8 @@ def dave_decrypt(
         return frame
     ready = session is not None and session.ready
     if protocol_version == 0 and not (ready and is_dave_frame(frame)):
+        return frame
+    if downgraded and not is_dave_frame(frame):
         return frame
     if session is None or not ready:
         raise DaveError("no-key", "DAVE session is not ready yet; hold the frame and retry")

@@ -421,6 +421,7 @@ class AudioReceiver(threading.Thread):
         """
         conn = self.voice_client._connection
         session, version = conn.dave_session, conn.dave_protocol_version
+        downgraded = bool(getattr(conn, "dave_downgraded", False))
         stats = self.stats[stream.user_id]
         q = stream.pending
         waited = stream.blocked_since is not None
@@ -436,7 +437,9 @@ class AudioReceiver(threading.Thread):
             if opus is None:
                 assert item.payload is not None
                 try:
-                    opus = dave_decrypt(session, stream.user_id, item.payload, protocol_version=version)
+                    opus = dave_decrypt(
+                        session, stream.user_id, item.payload, protocol_version=version, downgraded=downgraded
+                    )
                 except Exception as exc:
                     reason = getattr(exc, "reason", "")
                     if reason == "no-key" and not final:
@@ -480,6 +483,7 @@ class AudioReceiver(threading.Thread):
                     stream.user_id,
                     item.payload,
                     protocol_version=conn.dave_protocol_version,
+                    downgraded=bool(getattr(conn, "dave_downgraded", False)),
                 )
             except Exception:
                 return False

@@ -245,3 +245,11 @@ class VoiceCall:
     async def force_epoch_change(self) -> None:
         """Move the DAVE group to a new epoch without a real member change (a fault for tests)."""
         await self.route(self.dave.force_epoch_change())
+
+    async def downgrade_dave(self) -> None:
+        """Drop DAVE to protocol version 0 (op 21, op 23s, op 22), as when a client without it joins."""
+        await self.route(self.dave.downgrade())
+
+    async def upgrade_dave(self) -> None:
+        """Bring DAVE back (op 24, epoch 1: a new MLS group), as when the last client without it left."""
+        await self.route(self.dave.upgrade())

@@ -4,6 +4,25 @@
 like ``discord.gateway.DiscordVoiceWebSocket`` + ``discord.voice_state.VoiceConnectionState`` do, but
 returns what the client would send instead of sending it.  The loopback server uses it for its
 virtual members and tests use it to drive :class:`~listening_core.testing.dave_group.DaveGroup`.
+
+Protocol version changes follow discord.py 2.7.1 to the letter:
+
+* op 21 ``{transition_id, protocol_version}``: the version is recorded as pending for that id; id 0
+  executes at once, any other id is answered with op 23, after turning passthrough on
+  (``set_passthrough_mode(True, 120)``) when the new version is 0;
+* op 22: ``_execute_transition`` makes the pending version current; a change to 0 sets
+  ``downgraded`` (discord.py's ``dave_downgraded``), and the next executed non-zero transition
+  while downgraded clears it and calls ``set_passthrough_mode(True, 10)``;
+* op 24 with ``epoch == 1``: the version becomes the announced one at once and the session is
+  re-initialised (a new key package, op 26); any other epoch is ignored;
+* op 29 / op 30 with a non-zero id record the *current* version as pending for that id and answer
+  op 23, so the upgrade's first commit executes as "version 1 while downgraded".
+
+A client encrypts when :attr:`DaveClient.can_encrypt` (version non-zero and session ready), as
+``VoiceConnectionState.can_encrypt``; after a downgrade it sends plain frames
+(:attr:`DaveClient.sends_unencrypted`).  Note that davey's ``set_passthrough_mode(True, n)`` turns
+passthrough on with no expiry (``n`` only applies when turning it off), so after an upgrade
+discord.py keeps accepting unencrypted frames from the members it had decryptors for.
 """
 
 from __future__ import annotations
@@ -60,6 +79,9 @@ class DaveClient:
         self.executed_transitions: list[int] = []
         self.invalid_reports: list[int] = []
         self.downgraded = False
+        """discord.py's ``dave_downgraded``: set when a transition to version 0 executes."""
+        self.passthrough_calls: list[tuple[bool, int]] = []
+        """Every ``set_passthrough_mode(mode, expiry)`` call made on the session, in order."""
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -77,6 +99,19 @@ class DaveClient:
     def can_encrypt(self) -> bool:
         """discord.py's ``VoiceConnectionState.can_encrypt``."""
         return self.protocol_version != 0 and self.ready
+
+    @property
+    def sends_unencrypted(self) -> bool:
+        """DAVE is off for this client (it has a session, at protocol version 0): it sends plain Opus.
+
+        That is the state after a downgrade (op 21 to version 0, then op 22) and until an op 24
+        announces the upgrade; discord.py's ``_get_voice_packet`` then sends the frame as is.
+        """
+        return self.session is not None and self.protocol_version == 0
+
+    def can_passthrough(self, user_id: int) -> bool:
+        """Whether the session accepts an unencrypted frame from ``user_id`` right now."""
+        return self.session is not None and bool(self.session.can_passthrough(user_id))
 
     def group_user_ids(self) -> set[int]:
         """User ids in the local MLS group (davey returns them as strings)."""
@@ -107,9 +142,17 @@ class DaveClient:
     # -- signalling ----------------------------------------------------------------------------------
 
     def session_description(self, dave_protocol_version: int = 1) -> list[ClientMessage]:
-        """Op 4 received: (re)create the DAVE session and return the op 26 key package."""
+        """Op 4 received: (re)create the DAVE session and return the op 26 key package.
+
+        As discord.py, only a non-zero version re-initialises the session.
+        """
         self.protocol_version = dave_protocol_version
-        return self._reinit()
+        return self._reinit() if dave_protocol_version > 0 else []
+
+    def _set_passthrough(self, mode: bool, expiry: int) -> None:
+        assert self.session is not None
+        self.session.set_passthrough_mode(mode, expiry)
+        self.passthrough_calls.append((mode, expiry))
 
     def _reinit(self) -> list[ClientMessage]:
         if self.protocol_version > 0:
@@ -120,7 +163,7 @@ class DaveClient:
             return [ClientMessage(OP_KEY_PACKAGE, binary=bytes(self.session.get_serialized_key_package()))]
         if self.session is not None:
             self.session.reset()
-            self.session.set_passthrough_mode(True, 10)
+            self._set_passthrough(True, 10)
         return []
 
     def handle(self, message: Outgoing) -> list[ClientMessage]:
@@ -143,7 +186,7 @@ class DaveClient:
                 self._execute_transition(tid)
             else:
                 if data["protocol_version"] == 0:
-                    self.session.set_passthrough_mode(True, 120)
+                    self._set_passthrough(True, 120)
                 out.append(ClientMessage(OP_TRANSITION_READY, json={"transition_id": tid}))
         elif opcode == OP_EXECUTE_TRANSITION:
             self._execute_transition(int(data["transition_id"]))
@@ -203,5 +246,5 @@ class DaveClient:
         elif transition_id > 0 and self.downgraded:
             self.downgraded = False
             if self.session is not None:
-                self.session.set_passthrough_mode(True, 10)
+                self._set_passthrough(True, 10)
         self.executed_transitions.append(transition_id)

@@ -26,6 +26,30 @@ Policy (kept close to Discord's documented behaviour, see discord/dave-protocol 
 * If no healthy member remains in an established group, the gateway forgets the group and starts over
   with group creation.
 
+Protocol version changes (the whitepaper's "initial transitory phase"; :meth:`DaveGroup.downgrade` and
+:meth:`DaveGroup.upgrade` stand in for a client without DAVE joining and leaving):
+
+* Downgrade: op 21 ``{transition_id, protocol_version: 0}`` (non-zero id) to every connected member.
+  From then on the MLS group is frozen: in-flight proposals are revoked and no new ones are sent, so
+  no commit can start.  Once every member answered op 23 *and* every commit transition announced
+  before has executed (so that no op 22 of a commit, which discord.py would execute as "back to
+  version 1", follows the downgrade's), op 22 goes out and the group is at protocol version 0: the
+  gateway forgets the MLS group (members keep their davey sessions; discord.py never resets them).
+  Senders send plain Opus from their op 22; receivers accept plain frames through the passthrough
+  mode that op 21 turned on.
+* At protocol version 0 a joining member gets op 25 and then op 21 ``{transition_id: 0,
+  protocol_version: 0}`` (executed at once); its key package is kept for nothing, commits are ignored
+  and :meth:`~DaveGroup.force_epoch_change` does nothing.
+* Upgrade: op 24 ``{transition_id, epoch: 1, protocol_version: 1}`` to every connected member (the
+  op 24 id is informational: discord.py ignores it and no op 23 answers it).  Each member re-inits its
+  davey session and sends a new key package.  The gateway waits for the key packages of all of them
+  (members that leave are not waited for) and then creates the group afresh exactly as above (so a
+  member alone in the call gets the ghost).  Waiting matters: senders encrypt as soon as their
+  session is ready again (discord.py set its version to 1 on op 24), and a group created from the
+  first key package alone would have them encrypt under an epoch the later members never join.
+  The winning commit's op 29 / op 30 transition, once executed (op 22), completes the upgrade:
+  discord.py clears ``dave_downgraded`` and turns passthrough on for the members it has keys for.
+
 Malformed binary input raises :class:`~listening_core.testing.mls.MLSFormatError` before any state is
 changed; well-formed but unwanted input is logged and ignored (an empty list is returned).
 """
@@ -83,7 +107,12 @@ class Outgoing:
 
 @dataclass
 class Transition:
-    """One epoch change: who committed it, who joined/left, and who still owes an op 23."""
+    """One transition: an epoch change (a winning commit) or a protocol version change.
+
+    For an epoch change: who committed it, who joined/left, and who still owes an op 23.  A version
+    change (``kind`` ``"downgrade"`` or ``"upgrade"``) has no committer (0) and no members added or
+    removed; its ``epoch`` is the MLS epoch it was announced in (a downgrade) or 1 (an upgrade).
+    """
 
     transition_id: int
     epoch: int
@@ -93,6 +122,9 @@ class Transition:
     recipients: frozenset[int]
     awaiting: set[int] = field(default_factory=set)
     executed: bool = False
+    protocol_version: int = 1
+    """The DAVE protocol version in effect once the transition has executed."""
+    kind: Literal["commit", "downgrade", "upgrade"] = "commit"
 
 
 @dataclass
@@ -139,6 +171,7 @@ class DaveGroup:
             raise ValueError(f"unsupported DAVE protocol version {protocol_version}")
         self.channel_id = channel_id
         self.protocol_version = protocol_version
+        """The DAVE protocol version in effect: 1, or 0 after a downgrade has executed."""
         self.group_id = channel_id.to_bytes(8, "big")
         self.sender = sender if sender is not None else ExternalSender()
         self.establish_solo = establish_solo
@@ -148,6 +181,8 @@ class DaveGroup:
         """Every winning commit, oldest first."""
         self.ignored_commits: list[tuple[int, str]] = []
         """(user id, reason) for every well-formed commit that did not win."""
+        self.version_changes: list[Transition] = []
+        """Every downgrade and upgrade announced, oldest first."""
         self._joined: dict[int, None] = {}
         self._key_packages: dict[int, bytes] = {}
         self._leaves: list[int | None] = []
@@ -158,6 +193,8 @@ class DaveGroup:
         self._force = False
         self._ghost: DaveClient | None = None
         self._ghost_kp: bytes | None = None
+        self._downgrade: Transition | None = None
+        self._upgrade: Transition | None = None
 
     # -- read-only views -----------------------------------------------------------------------------
 
@@ -209,6 +246,16 @@ class DaveGroup:
         """The server-held ghost client (for tests), if one exists."""
         return self._ghost
 
+    @property
+    def downgrading(self) -> bool:
+        """A downgrade was announced (op 21) and has not executed yet: the MLS group is frozen."""
+        return self._downgrade is not None
+
+    @property
+    def upgrading(self) -> bool:
+        """An upgrade was announced (op 24) and the new group's first transition has not executed."""
+        return self._upgrade is not None
+
     # -- inputs --------------------------------------------------------------------------------------
 
     def join(self, user_id: int) -> list[Outgoing]:
@@ -221,6 +268,15 @@ class DaveGroup:
             self._client_reset(user_id, out)
         self._joined[user_id] = None
         out.append(Outgoing(user_id, OP_EXTERNAL_SENDER, None, self.sender.package()))
+        downgrade = self._downgrade
+        if downgrade is not None:
+            # It joins a call that is about to drop DAVE: it takes part in that transition too.
+            downgrade.recipients = downgrade.recipients | {user_id}
+            downgrade.awaiting.add(user_id)
+            out.append(self._prepare_transition(user_id, downgrade.transition_id))
+        elif self.protocol_version == 0:
+            # The call has no DAVE: transition id 0 is executed by the client at once.
+            out.append(self._prepare_transition(user_id, 0))
         self._reconcile(out)
         return out
 
@@ -253,6 +309,8 @@ class DaveGroup:
             self.ignored_commits.append((user_id, reason))
             return []
 
+        if self.protocol_version == 0:
+            return ignore("the call is at DAVE protocol version 0 (no MLS group)")
         if info.group_id != self.group_id:
             return ignore(f"wrong group id {info.group_id.hex()}")
         if user_id not in self._joined:
@@ -339,6 +397,61 @@ class DaveGroup:
         self._reconcile(out)
         return out
 
+    def downgrade(self) -> list[Outgoing]:
+        """Move the call to protocol version 0 (transport encryption only), as when a client without
+        DAVE joins: op 21 to every connected member now, op 22 once all of them answered op 23.
+
+        Returns [] when the call is already at version 0 or a downgrade is under way.
+        """
+        if self.protocol_version == 0 or self._downgrade is not None:
+            _log.debug("downgrade requested at protocol version %d; nothing to do", self.protocol_version)
+            return []
+        recipients = frozenset(self._joined)
+        tid = self._allocate_transition_id()
+        transition = Transition(
+            tid,
+            0 if self.epoch is None else self.epoch,
+            0,
+            (),
+            (),
+            recipients,
+            set(recipients),
+            protocol_version=0,
+            kind="downgrade",
+        )
+        self.version_changes.append(transition)
+        self._pending[tid] = transition
+        self._downgrade = transition
+        self._upgrade = None
+        _log.info("channel %d: downgrade to DAVE protocol version 0 (transition %d)", self.channel_id, tid)
+        out = [self._prepare_transition(user_id, tid) for user_id in sorted(recipients)]
+        self._reconcile(out)  # revokes what is in flight: no commit may start any more
+        self._maybe_execute(transition, out)
+        return out
+
+    def upgrade(self) -> list[Outgoing]:
+        """Move the call back to protocol version 1, as when the last client without DAVE left.
+
+        Sends op 24 (epoch 1: a new MLS group) to every connected member; their new key packages
+        then create the group as usual.  Returns [] unless the call is at protocol version 0.
+        """
+        if self.protocol_version != 0:
+            _log.debug("upgrade requested at protocol version %d; nothing to do", self.protocol_version)
+            return []
+        recipients = frozenset(self._joined)
+        tid = self._allocate_transition_id()
+        transition = Transition(tid, 1, 0, (), (), recipients, protocol_version=1, kind="upgrade")
+        self.version_changes.append(transition)
+        self.protocol_version = 1
+        self._key_packages.clear()  # every member re-inits its session and sends a new one
+        if recipients:
+            self._upgrade = transition
+        else:
+            transition.executed = True
+        _log.info("channel %d: upgrade to DAVE protocol version 1 (transition %d)", self.channel_id, tid)
+        payload = {"transition_id": tid, "epoch": 1, "protocol_version": 1}
+        return [Outgoing(user_id, OP_PREPARE_EPOCH, dict(payload), None) for user_id in sorted(recipients)]
+
     def receive(self, user_id: int, message: ClientMessage) -> list[Outgoing]:
         """Dispatch a client message (op 23, 26, 28 or 31) to the matching input method."""
         if message.opcode == OP_KEY_PACKAGE and message.binary is not None:
@@ -366,18 +479,27 @@ class DaveGroup:
             if u == user_id:
                 self._stale.add(i)
         self._key_packages.pop(user_id, None)
-        self._forget_recipient(user_id, out)
+        # A re-initialised session still answers op 21: only its commit transitions stop waiting.
+        self._forget_recipient(user_id, out, commits_only=True)
 
-    def _forget_recipient(self, user_id: int, out: list[Outgoing]) -> None:
+    def _forget_recipient(self, user_id: int, out: list[Outgoing], *, commits_only: bool = False) -> None:
         for proposal in self._inflight.values():
             proposal.recipients.discard(user_id)
         for transition in list(self._pending.values()):
+            if commits_only and transition.kind != "commit":
+                continue
             transition.awaiting.discard(user_id)
             self._maybe_execute(transition, out)
+
+    def _prepare_transition(self, user_id: int, transition_id: int) -> Outgoing:
+        payload = {"transition_id": transition_id, "protocol_version": 0}
+        return Outgoing(user_id, OP_PREPARE_TRANSITION, payload, None)
 
     def _maybe_execute(self, transition: Transition, out: list[Outgoing]) -> None:
         if transition.awaiting or transition.executed:
             return
+        if transition.kind == "downgrade" and any(t.kind == "commit" for t in self._pending.values()):
+            return  # commits announced earlier execute first (see the module docstring)
         transition.executed = True
         self._pending.pop(transition.transition_id, None)
         for user_id in sorted(transition.recipients):
@@ -387,6 +509,31 @@ class DaveGroup:
                         user_id, OP_EXECUTE_TRANSITION, {"transition_id": transition.transition_id}, None
                     )
                 )
+        if transition.kind == "downgrade":
+            self._apply_downgrade()
+            return
+        upgrade = self._upgrade
+        if upgrade is not None and transition.epoch == 1:
+            upgrade.executed = True
+            self._upgrade = None
+            _log.info("channel %d: upgrade to DAVE protocol version 1 complete", self.channel_id)
+        if self._downgrade is not None:
+            self._maybe_execute(self._downgrade, out)
+
+    def _apply_downgrade(self) -> None:
+        """The downgrade executed: the call is at protocol version 0 and the MLS group is forgotten."""
+        _log.info("channel %d: now at DAVE protocol version 0", self.channel_id)
+        self.protocol_version = 0
+        self._downgrade = None
+        self._upgrade = None
+        self.epoch = None
+        self._leaves = []
+        self._stale.clear()
+        self._inflight.clear()
+        self._key_packages.clear()
+        self._force = False
+        self._ghost = None
+        self._ghost_kp = None
 
     def _allocate_transition_id(self) -> int:
         while True:
@@ -502,7 +649,11 @@ class DaveGroup:
 
     def _desired(self) -> list[_Spec]:
         specs: list[_Spec] = []
+        if self.protocol_version == 0 or self._downgrade is not None:
+            return specs  # no MLS at version 0; frozen while a downgrade is pending
         if self.epoch is None:
+            if self._awaiting_upgrade_key_packages():
+                return specs
             candidates = [u for u in self._joined if u in self._key_packages]
             if len(candidates) >= 2:
                 for candidate in candidates:
@@ -525,6 +676,13 @@ class DaveGroup:
             kp = self._ensure_ghost_key_package()
             specs.append(_Spec("add", self.ghost_user_id, None, kp, committers))
         return specs
+
+    def _awaiting_upgrade_key_packages(self) -> bool:
+        """During an upgrade, whether a connected recipient of op 24 has not sent its key package yet."""
+        upgrade = self._upgrade
+        if upgrade is None:
+            return False
+        return any(u in self._joined and u not in self._key_packages for u in upgrade.recipients)
 
     def _reconcile(self, out: list[Outgoing]) -> None:
         """Bring the in-flight proposals in line with who should be in the group."""

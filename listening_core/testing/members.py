@@ -303,10 +303,13 @@ class VirtualMember:
 
     def _send(self, call: VoiceCall, opus: bytes, timestamp: int, silence: bool, now: float) -> None:
         if call.dave_version > 0:
-            if self.dave is None or not self.dave.can_encrypt:
+            if self.dave is not None and self.dave.can_encrypt:
+                payload = self.dave.encrypt_opus(opus)
+            elif self.dave is not None and self.dave.sends_unencrypted:
+                payload = opus  # downgraded to DAVE protocol version 0: plain, as discord.py sends
+            else:
                 self.unsent_not_ready += 1  # a real client cannot send before it holds a key either
                 return
-            payload = self.dave.encrypt_opus(opus)
         else:
             payload = opus
         header = RtpHeader(

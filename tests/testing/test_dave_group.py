@@ -478,3 +478,259 @@ def test_rejoin_resets_member() -> None:
     assert group.members == {A, B}
     assert_consistent(net)
     assert_all_decrypt(net)
+
+
+# -- protocol version changes: downgrade to 0 and upgrade back to 1 -----------------------------------
+
+
+def step(net: Net) -> None:
+    """Let the server read exactly one client reply (and deliver what it answers)."""
+    uid, reply = net.server_q.popleft()
+    if uid in net.clients:
+        net.deliver(net.group.receive(uid, reply))
+
+
+def executes(net: Net, uid: int, start: int = 0) -> list[int]:
+    """The transition ids of the op 22s sent to ``uid``, in order, from ``net.log[start:]``."""
+    return [
+        int(m.json["transition_id"])
+        for m in net.log[start:]
+        if m.user_id == uid and m.opcode == 22 and m.json is not None
+    ]
+
+
+def downgraded_net(*uids: int) -> Net:
+    net = Net(DaveGroup(CHANNEL))
+    for uid in uids:
+        net.connect(uid)
+    net.pump(net.group.downgrade())
+    return net
+
+
+def test_downgrade_prepares_then_executes_once_all_are_ready() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    for uid in (A, B, C):
+        net.connect(uid)
+    group = net.group
+    a, b = net.clients[A], net.clients[B]
+    before = a.encrypt_opus(b"encrypted before the downgrade")
+    out = group.downgrade()
+    prepares = [m for m in out if m.opcode == 21]
+    assert [m.user_id for m in prepares] == [A, B, C]
+    tid = int(prepares[0].json["transition_id"]) if prepares[0].json else 0
+    assert tid != 0
+    assert all(m.json == {"transition_id": tid, "protocol_version": 0} for m in prepares)
+    assert group.downgrading and group.protocol_version == 1
+    assert group.pending_transitions[tid].kind == "downgrade"
+
+    net.deliver(out)
+    # op 21: passthrough on at once (discord.py: set_passthrough_mode(True, 120)), op 23 back, and
+    # the clients keep encrypting until op 22.
+    for client in net.clients.values():
+        assert client.pending_transitions == {tid: 0}
+        assert client.passthrough_calls == [(True, 120)]
+        assert client.protocol_version == 1 and client.can_encrypt and not client.downgraded
+    assert b.decrypt(A, b"plain during the transition") == b"plain during the transition"
+    assert b.decrypt(A, before) == b"encrypted before the downgrade"
+    assert sorted((uid, m.opcode) for uid, m in net.server_q) == [(A, 23), (B, 23), (C, 23)]
+
+    start = len(net.log)
+    step(net)
+    step(net)
+    assert executes(net, A, start) == []  # C has not answered yet
+    step(net)
+    assert [executes(net, uid, start) for uid in (A, B, C)] == [[tid]] * 3
+
+    assert group.protocol_version == 0 and not group.downgrading
+    assert group.epoch is None and group.members == set() and not group.pending_transitions
+    assert [(t.kind, t.transition_id, t.executed) for t in group.version_changes] == [
+        ("downgrade", tid, True)
+    ]
+    for client in net.clients.values():
+        assert client.protocol_version == 0 and client.downgraded
+        assert not client.can_encrypt and client.sends_unencrypted
+        assert client.executed_transitions[-1] == tid and not client.pending_transitions
+        # discord.py does not reset the session on a downgrade: old keys still open late frames
+        assert client.ready
+    assert net.clients[C].decrypt(A, b"plain after the transition") == b"plain after the transition"
+    assert b.decrypt(C, b"plain from C") == b"plain from C"
+    assert net.clients[C].decrypt(A, a.encrypt_opus(b"in flight")) == b"in flight"
+
+
+def test_downgrade_freezes_mls_and_ignores_commits() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    net.connect(A)
+    net.connect(B)
+    group = net.group
+    epoch = group.epoch
+    # C joins; A and B get Add(C) and commit it, but the commits are still on their way when the
+    # downgrade is announced.
+    c = DaveClient(C, CHANNEL)
+    net.clients[C] = c
+    net.server_q.extend((C, m) for m in c.session_description(1))
+    net.deliver(group.join(C))
+    step(net)  # C's key package: Add(C) to A and B, who answer with commits
+    commits = [(uid, m) for uid, m in net.server_q if m.opcode == 28]
+    assert sorted(uid for uid, _ in commits) == [A, B]
+    net.server_q.clear()
+    out = group.downgrade()
+    # C joined before the downgrade: it is a recipient too; the in-flight Add(C) is revoked.
+    assert sorted(m.user_id for m in out if m.opcode == 21) == [A, B, C]
+    assert sorted(m.user_id for m in out if m.opcode == 27 and m.binary and m.binary[0] == 1) == [A, B]
+    assert group.inflight_proposals == 0
+    uid, first = commits[0]
+    assert group.receive(uid, first) == []  # references revoked proposals
+    assert "exactly the proposals" in group.ignored_commits[-1][1]
+    net.pump(out)
+    assert group.protocol_version == 0 and group.epoch is None
+    uid, second = commits[1]
+    assert group.receive(uid, second) == []
+    assert "version 0" in group.ignored_commits[-1][1]
+    assert group.transitions[-1].epoch == epoch  # no epoch change happened
+    for client in net.clients.values():
+        assert client.protocol_version == 0 and client.sends_unencrypted
+    # Nothing MLS happens at version 0: a forced epoch change is a no-op.
+    assert group.force_epoch_change() == []
+
+
+def test_downgrade_waits_for_commit_transitions_announced_before() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    net.connect(A)
+    net.connect(B)
+    group = net.group
+    net.connect(C, pump=False)
+    # Run the handshake until C's Add is committed and announced but not yet executed.
+    while not any(t.kind == "commit" for t in group.pending_transitions.values()):
+        step(net)
+    (commit_tid,) = [t.transition_id for t in group.pending_transitions.values()]
+    start = len(net.log)
+    out = group.downgrade()
+    down_tid = next(int(m.json["transition_id"]) for m in out if m.opcode == 21 and m.json)
+    net.pump(out)
+    # discord.py would execute a commit's op 22 as "back to version 1": it must come first.
+    for uid in (A, B, C):
+        assert executes(net, uid, start) == [commit_tid, down_tid]
+        assert net.clients[uid].protocol_version == 0
+    assert group.protocol_version == 0
+
+
+def test_member_leaving_during_downgrade_is_not_waited_for() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    for uid in (A, B, C):
+        net.connect(uid)
+    group = net.group
+    out = group.downgrade()
+    tid = next(int(m.json["transition_id"]) for m in out if m.json)
+    net.deliver(out)
+    net.server_q = type(net.server_q)((uid, m) for uid, m in net.server_q if uid != C)
+    del net.clients[C]
+    step(net)
+    step(net)
+    assert group.downgrading  # still waiting for C
+    start = len(net.log)
+    net.deliver(group.leave(C))
+    assert executes(net, A, start) == executes(net, B, start) == [tid]
+    assert group.protocol_version == 0
+
+
+def test_joining_at_version_zero_executes_transition_zero() -> None:
+    net = downgraded_net(A, B)
+    start = len(net.log)
+    d = net.connect(D)
+    assert [(m.opcode, m.json) for m in net.log[start:] if m.user_id == D] == [
+        (25, None),
+        (21, {"transition_id": 0, "protocol_version": 0}),
+    ]
+    # transition id 0: executed at once, no op 23 (discord.py).
+    assert d.executed_transitions == [0] and d.protocol_version == 0 and d.downgraded
+    assert d.sends_unencrypted and not d.can_encrypt
+    assert net.group.members == set() and net.group.epoch is None
+
+
+def test_upgrade_creates_a_new_group_and_everyone_encrypts_again() -> None:
+    net = downgraded_net(A, B, C)
+    group = net.group
+    old_transitions = len(group.transitions)
+    net.connect(D)  # joined at version 0: it is upgraded with the others
+    out = group.upgrade()
+    assert [m.user_id for m in out] == [A, B, C, D]
+    tid = int(out[0].json["transition_id"]) if out[0].json else 0
+    assert tid != 0
+    assert all(
+        m.opcode == 24 and m.json == {"transition_id": tid, "epoch": 1, "protocol_version": 1} for m in out
+    )
+    assert group.protocol_version == 1 and group.upgrading
+
+    net.deliver(out)
+    # op 24, epoch 1: version 1 at once, the session re-initialised, a new key package sent;
+    # still "downgraded" (and so not yet passthrough-upgraded) until the new group's op 22.
+    for client in net.clients.values():
+        assert client.protocol_version == 1 and client.downgraded
+        assert not client.ready and not client.can_encrypt and not client.sends_unencrypted
+    assert sorted((uid, m.opcode) for uid, m in net.server_q) == [(A, 26), (B, 26), (C, 26), (D, 26)]
+
+    # No proposal until every member's new key package is in: a group created from the first one
+    # alone would have its members encrypt under an epoch the others never join.
+    start = len(net.log)
+    for _ in range(3):
+        step(net)
+    assert net.log[start:] == [] and group.epoch is None
+    net.pump()
+    assert not group.upgrading and group.version_changes[-1].executed
+    assert [t.kind for t in group.version_changes] == ["downgrade", "upgrade"]
+    new = group.transitions[old_transitions:]
+    assert new[0].epoch == 1  # the group was created afresh
+    assert group.members == {A, B, C, D}
+    assert_consistent(net)
+    assert_all_decrypt(net)
+    for client in net.clients.values():
+        assert not client.downgraded and client.can_encrypt
+        # discord.py's upgrade: set_passthrough_mode(True, 10) when the first transition executes
+        assert client.passthrough_calls[-1] == (True, 10)
+        assert client.passthrough_calls.count((True, 10)) == 1
+    # davey ignores the expiry when turning passthrough on: discord.py's receivers keep accepting
+    # plain frames from members they had decryptors for when the upgrade executed.
+    b = net.clients[B]
+    assert b.decrypt(A, b"plain after the upgrade") == b"plain after the upgrade"
+
+
+def test_upgrade_with_one_member_uses_the_ghost_then_grows() -> None:
+    net = downgraded_net(A)
+    group = net.group
+    net.pump(group.upgrade())
+    a = net.clients[A]
+    assert group.members == {A} and not group.ghost_in_group
+    assert a.can_encrypt and not a.downgraded and a.passthrough_calls[-1] == (True, 10)
+    net.connect(B)
+    assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_version_change_no_ops() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    net.connect(A)
+    group = net.group
+    assert group.upgrade() == []  # already at version 1
+    out = group.downgrade()
+    assert out and group.downgrade() == []  # under way
+    assert group.upgrade() == []  # not at version 0 yet
+    net.pump(out)
+    assert group.downgrade() == []  # already at version 0
+    empty = DaveGroup(CHANNEL)
+    assert empty.downgrade() == [] and empty.protocol_version == 0  # nobody to wait for
+    assert empty.upgrade() == [] and empty.protocol_version == 1 and not empty.upgrading
+
+
+def test_member_leaving_during_upgrade_is_not_waited_for() -> None:
+    net = downgraded_net(A, B, C)
+    group = net.group
+    net.deliver(group.upgrade())
+    net.server_q = type(net.server_q)((uid, m) for uid, m in net.server_q if uid != C)
+    del net.clients[C]
+    step(net)
+    step(net)
+    assert group.epoch is None and group.upgrading  # C's key package is still awaited
+    net.pump(group.leave(C))
+    assert group.members == {A, B} and not group.upgrading
+    assert_consistent(net)
+    assert_all_decrypt(net)
