@@ -8,22 +8,27 @@ from one delivery thread (never the socket reader's, so a slow sink cannot make 
   in front of ``on_valid_audio``: a frame that would go backwards is dropped and counted.
 - :class:`AudioFileSink`: one :class:`AudioFile` per user, all aligned on the session timeline.
 - :class:`AudioFile`: one user's track streamed to disk through soundfile as frames arrive,
-  silence where the user was silent, so tracks drop into an editor side by side.
+  silence where the user was silent, so tracks drop into an editor side by side; mono or
+  stereo, 48 kHz or resampled (:mod:`listening_core.resample`); :meth:`AudioFile.convert`.
+- :class:`FileSinkOptions`: the options the file sink plugins (wav, flac, mp3) share.
+- :func:`recover_file`: make a file left by a killed process whole; :func:`convert_file`.
 """
 
 from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import enum
 import logging
 import os
 import pathlib
 import re
 import threading
+import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 from .errors import ListeningError
 from .rtp import seq_diff
@@ -34,18 +39,26 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 __all__ = [
+    "FILE_FORMATS",
     "FRAME_BYTES",
     "FRAME_SAMPLES",
+    "MP3_SAMPLE_RATES",
     "SAMPLE_RATE",
     "AudioFile",
     "AudioFileSink",
     "AudioFrame",
     "AudioHandlingSink",
     "AudioSink",
+    "FileSinkOptions",
     "FrameKind",
     "RtcpPacket",
     "SessionInfo",
     "SinkError",
+    "check_template",
+    "convert_file",
+    "mp3_bitrates",
+    "mp3_compression_level",
+    "recover_file",
     "safe_filename",
 ]
 
@@ -197,18 +210,98 @@ class AudioHandlingSink(AudioSink):
 
 
 _UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
+_RESERVED = re.compile(r"(con|prn|aux|nul|com\d|lpt\d)(\..*)?", re.IGNORECASE)
+_MAX_NAME_BYTES = 200  # file systems allow 255 bytes; leave room for "-NN" and the extension
 
 
 def safe_filename(name: str, *, fallback: str = "user", max_length: int = 80) -> str:
     """A file-name component made from ``name`` (say a user name) that cannot escape a directory.
 
     Control characters, path separators and anything but letters, digits, ``. - _`` and spaces are
-    replaced; leading dots are removed (no hidden files, no ``..``); empty results use ``fallback``.
+    replaced; leading dots are removed (no hidden files, no ``..``); names Windows reserves
+    (``CON``, ``NUL``…) get a ``_`` prefix; the result is at most ``max_length`` characters and
+    200 bytes of UTF-8; empty results use ``fallback`` (made safe the same way).
     """
-    cleaned = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in name)
+    cleaned = unicodedata.normalize("NFC", name)
+    cleaned = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in cleaned)
     cleaned = _UNSAFE.sub("_", cleaned).strip(" .")
     cleaned = re.sub(r"\s+", " ", cleaned)[:max_length].strip(" .")
-    return cleaned or fallback
+    while len(cleaned.encode()) > _MAX_NAME_BYTES:
+        cleaned = cleaned[:-1].rstrip(" .")
+    if _RESERVED.fullmatch(cleaned):
+        cleaned = "_" + cleaned
+    if not cleaned:
+        return safe_filename(fallback) if fallback and fallback != name else "user"
+    return cleaned
+
+
+# --------------------------------------------------------------------------------------- formats
+
+FILE_FORMATS: dict[str, tuple[str, str | None, str]] = {
+    "wav": ("WAV", "PCM_16", ".wav"),
+    "flac": ("FLAC", "PCM_16", ".flac"),
+    "mp3": ("MP3", "MPEG_LAYER_III", ".mp3"),
+    "ogg": ("OGG", "VORBIS", ".ogg"),
+    "opus": ("OGG", "OPUS", ".opus"),
+}
+"""Format names accepted by :func:`convert_file` / :meth:`AudioFile.convert`: soundfile's
+``(format, subtype, extension)`` for each."""
+
+MP3_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+"""The sample rates MPEG Layer III can store (MPEG-1, -2 and -2.5)."""
+
+_MP3_BITRATES = {
+    1: (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),  # MPEG-1: 32-48 kHz
+    2: (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),  # MPEG-2: 16-24 kHz
+    3: (8, 16, 24, 32, 40, 48, 56, 64),  # MPEG-2.5: 8-12 kHz
+}
+_MP3_RANGE = {1: (32, 320), 2: (8, 160), 3: (8, 64)}
+
+
+def _mp3_version(sample_rate: int) -> int:
+    return 1 if sample_rate >= 32000 else 2 if sample_rate >= 16000 else 3
+
+
+def mp3_bitrates(sample_rate: int) -> tuple[int, ...]:
+    """The constant bitrates (kbit/s) an MP3 at ``sample_rate`` can use."""
+    return _MP3_BITRATES[_mp3_version(sample_rate)]
+
+
+def mp3_compression_level(bitrate: int, sample_rate: int) -> float:
+    """soundfile's ``compression_level`` (0…1) that makes libsndfile's LAME encoder use ``bitrate``.
+
+    libsndfile maps the level linearly onto the bitrates of the MPEG version the sample rate
+    implies and truncates: ``kbps = int(high - level * (high - low))`` with ``(low, high)`` =
+    (32, 320) for 32-48 kHz (MPEG-1), (8, 160) for 16-24 kHz (MPEG-2), (8, 64) below (MPEG-2.5).
+    This is the inverse, nudged so the truncation lands on ``bitrate``.
+    """
+    version = _mp3_version(sample_rate)
+    if bitrate not in _MP3_BITRATES[version]:
+        raise ValueError(
+            f"bitrate {bitrate} kbit/s is not an MP3 bitrate at {sample_rate} Hz; use one of "
+            + ", ".join(map(str, _MP3_BITRATES[version]))
+        )
+    low, high = _MP3_RANGE[version]
+    return min(1.0, max(0.0, (high - bitrate - 1e-6) / (high - low)))
+
+
+# libsndfile's SFC_UPDATE_HEADER_NOW: rewrite the header of a file being written.
+_SFC_UPDATE_HEADER_NOW = 0x1060
+_HEADER_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "W64", "AIFF", "CAF", "AU"})
+
+
+def _update_header(sf_file: object) -> None:
+    """Make the on-disk header of a PCM container describe what is written so far (best effort)."""
+    try:
+        import soundfile
+
+        snd, ffi = soundfile._snd, soundfile._ffi
+        snd.sf_command(sf_file._file, _SFC_UPDATE_HEADER_NOW, ffi.NULL, 0)  # type: ignore[attr-defined]
+    except Exception:  # a soundfile without these internals: recover_file() fixes the header instead
+        pass
+
+
+# --------------------------------------------------------------------------------------- AudioFile
 
 
 class AudioFile:
@@ -217,7 +310,19 @@ class AudioFile:
     Frames are written at their session position; the stretch between the end of the file and a
     frame's position is filled with silence, so the file always starts at session sample 0.
     :meth:`pad_to` extends it with silence to the session's end. Memory does not grow with the
-    session: nothing is kept but the open file.
+    session: nothing is kept but the open file (and, when resampling, the filter's history).
+
+    ``channels`` is 2 (as received) or 1 (left and right averaged). ``sample_rate`` is the file's
+    rate: 48000 writes the received samples unchanged; any other rate goes through the streaming
+    anti-aliased :class:`~listening_core.resample.Resampler`, delay-compensated so the track stays
+    on the session timeline (``ceil(session samples * rate / 48000)`` samples in the end).
+
+    Crash safety: every ``flush_interval`` seconds of written audio the file is flushed
+    (:meth:`flush`: a WAV header is rewritten to cover what is written, then ``fsync``). After a
+    crash, :func:`recover_file` makes any of these files whole again.
+
+    A failing write (disk full, permissions…) closes the file, keeps what was written, sets
+    :attr:`error` and raises :class:`SinkError`.
     """
 
     def __init__(
@@ -228,28 +333,61 @@ class AudioFile:
         subtype: str | None = "PCM_16",
         channels: int = CHANNELS,
         sample_rate: int = SAMPLE_RATE,
+        compression_level: float | None = None,
+        bitrate_mode: str | None = None,
+        flush_interval: float = 1.0,
     ) -> None:
         import soundfile
 
+        from .resample import Resampler
+
+        if channels not in (1, 2):
+            raise ValueError(f"channels must be 1 (mono) or 2 (stereo), got {channels}")
         self.path = pathlib.Path(path)
+        self.format = format
         self.channels = channels
         self.sample_rate = sample_rate
-        self.frames_written = 0  # samples per channel written, silence included
+        self.position = 0  # session samples (48 kHz) covered, silence included
+        self.frames_written = 0  # samples per channel in the file (at sample_rate)
         self.done = False
+        self.error: BaseException | None = None
         self._lock = threading.Lock()
-        self._file = soundfile.SoundFile(
-            self.path, "w", samplerate=sample_rate, channels=channels, format=format, subtype=subtype
+        self._resampler = (
+            Resampler(SAMPLE_RATE, sample_rate, channels) if sample_rate != SAMPLE_RATE else None
         )
-        self._silence = bytes(FRAME_BYTES)
+        self._flush_every = max(1, round(flush_interval * sample_rate)) if flush_interval > 0 else 0
+        self._since_flush = 0
+        # libsndfile 1.2.2's MP3 encoder copies only half of each 16-bit stereo block it is
+        # given (a memcpy counted in samples, not bytes); its 32-bit path is right
+        self._wide = format.upper() == "MP3"
+        try:
+            self._file = soundfile.SoundFile(
+                self.path,
+                "w",
+                samplerate=sample_rate,
+                channels=channels,
+                format=format,
+                subtype=subtype,
+                compression_level=compression_level,
+                bitrate_mode=bitrate_mode,
+            )
+        except Exception as exc:
+            self.error = exc
+            self.done = True
+            raise SinkError(f"cannot create {self.path}: {exc}") from exc
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio in the file so far."""
+        return self.frames_written / self.sample_rate
 
     def write(self, frame: AudioFrame) -> None:
         """Write ``frame`` at its position (silence before it if needed; overlap is cut)."""
         if frame.pcm is None:
             raise SinkError(f"{type(self).__name__} needs PCM; the frame of user {frame.user_id} has none")
         with self._lock:
-            if self.done:
-                raise SinkError(f"{self.path} is already closed")
-            gap = frame.position - self.frames_written
+            self._check_open()
+            gap = frame.position - self.position
             pcm = frame.pcm
             if gap < 0:
                 pcm = pcm[-gap * CHANNELS * 2 :]  # overlaps what is written: keep only the new part
@@ -260,51 +398,364 @@ class AudioFile:
             self._write_pcm(pcm)
 
     def pad_to(self, samples: int) -> None:
-        """Extend the file with silence up to ``samples`` (no-op if it is already that long)."""
+        """Extend the file with silence up to session sample ``samples`` (no-op if it is that long)."""
         with self._lock:
-            if samples > self.frames_written and not self.done:
-                self._write_silence(samples - self.frames_written)
+            if samples > self.position and not self.done:
+                self._write_silence(samples - self.position)
+
+    def _check_open(self) -> None:
+        if self.done:
+            if self.error is not None:
+                raise SinkError(f"{self.path} failed earlier: {self.error}") from self.error
+            raise SinkError(f"{self.path} is already closed")
 
     def _write_silence(self, samples: int) -> None:
-        chunk = len(self._silence) // (CHANNELS * 2)
+        import numpy as np
+
+        chunk = np.zeros((min(samples, SAMPLE_RATE), CHANNELS), dtype=np.int16)
         while samples > 0:
-            n = min(samples, chunk)
-            self._write_pcm(self._silence[: n * CHANNELS * 2])
+            n = min(samples, len(chunk))
+            self._write_block(chunk[:n])
             samples -= n
 
     def _write_pcm(self, pcm: bytes) -> None:
         import numpy as np
 
-        data = np.frombuffer(pcm, dtype="<i2").reshape(-1, CHANNELS)
-        if self.channels == 1:
-            data = ((data[:, 0].astype(np.int32) + data[:, 1]) // 2).astype(np.int16).reshape(-1, 1)
-        self._file.write(data)
-        self.frames_written += data.shape[0]
+        self._write_block(np.frombuffer(pcm, dtype="<i2").reshape(-1, CHANNELS))
+
+    def _write_block(self, data: Any) -> None:
+        """Write 48 kHz stereo int16 samples (shape ``(n, 2)``), converted to the file's layout."""
+        import numpy as np
+
+        count = data.shape[0]
+        if self._resampler is None:
+            if self.channels == 1:
+                data = ((data[:, 0].astype(np.int32) + data[:, 1]) // 2).astype(np.int16).reshape(-1, 1)
+            out = data
+        else:
+            x = data.astype(np.float64)
+            if self.channels == 1:
+                x = x.mean(axis=1, keepdims=True)
+            out = _to_int16(self._resampler.process(x))
+        self._file_write(out)
+        self.position += count
+
+    def _file_write(self, out: Any) -> None:
+        if len(out):
+            if self._wide:
+                out = out.astype("<i4") << 16  # the same samples, as 32-bit
+            try:
+                self._file.write(out)
+            except Exception as exc:
+                self._fail(exc, "writing")
+            self.frames_written += len(out)
+            self._since_flush += len(out)
+        if self._flush_every and self._since_flush >= self._flush_every:
+            self._flush()
+
+    def _fail(self, exc: BaseException, doing: str) -> None:
+        self.error = exc
+        self.done = True
+        with contextlib.suppress(Exception):
+            self._file.close()
+        raise SinkError(
+            f"{doing} {self.path} failed after {self.duration:.2f} s of audio: {type(exc).__name__}: {exc}"
+        ) from exc
+
+    def _flush(self) -> None:
+        self._since_flush = 0
+        try:
+            if self.format.upper() in _HEADER_FORMATS:
+                _update_header(self._file)
+            self._file.flush()
+        except Exception as exc:
+            self._fail(exc, "flushing")
 
     def flush(self) -> None:
-        """Push what is written to the operating system (readable after a crash up to here)."""
+        """Push what is written to disk: a WAV header is brought up to date, then ``fsync``."""
         with self._lock:
             if not self.done:
-                self._file.flush()
+                self._flush()
 
     def cleanup(self) -> None:
-        """Close the file and mark it done (idempotent)."""
+        """Finish the file (the resampler's tail) and close it (idempotent).
+
+        Raises :class:`SinkError` if the last writes or the close fail (the file is closed anyway).
+        """
         with self._lock:
-            if not self.done:
-                self.done = True
+            if self.done:
+                return
+            if self._resampler is not None:
+                self._flush_every = 0
+                self._file_write(_to_int16(self._resampler.flush()))
+            self.done = True
+            try:
                 self._file.close()
+            except Exception as exc:
+                self.error = exc
+                raise SinkError(f"closing {self.path} failed: {type(exc).__name__}: {exc}") from exc
+
+    def convert(
+        self,
+        format: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        bitrate: int | None = None,
+        compression_level: float | None = None,
+    ) -> pathlib.Path:
+        """Write this (finished) file in another format with soundfile, block by block; the new path.
+
+        ``format`` is a key of :data:`FILE_FORMATS` (``"wav"``, ``"flac"``, ``"mp3"``, ``"ogg"``,
+        ``"opus"``); ``path`` defaults to this file's path with the format's extension.
+        """
+        if not self.done:
+            raise SinkError(f"{self.path} is still being written; convert it after the session")
+        return convert_file(self.path, format, path, bitrate=bitrate, compression_level=compression_level)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.path} samples={self.frames_written} done={self.done}>"
+        state = "failed" if self.error is not None else "done" if self.done else "open"
+        return f"<{type(self).__name__} {self.path} samples={self.frames_written} {state}>"
+
+
+def _to_int16(x: Any) -> Any:
+    import numpy as np
+
+    return np.clip(np.rint(x), -32768, 32767).astype(np.int16)
+
+
+# --------------------------------------------------------------------------------------- files
+
+
+def convert_file(
+    source: str | os.PathLike[str],
+    format: str,
+    destination: str | os.PathLike[str] | None = None,
+    *,
+    bitrate: int | None = None,
+    compression_level: float | None = None,
+    blocksize: int = 65536,
+) -> pathlib.Path:
+    """Re-encode ``source`` as ``format`` (a key of :data:`FILE_FORMATS`) through soundfile.
+
+    Read and written in blocks of ``blocksize`` samples, so memory does not depend on the file's
+    length. Same sample rate and channels. ``bitrate`` (kbit/s) applies to MP3 (constant
+    bitrate, see :func:`mp3_compression_level`); ``compression_level`` (0…1) is soundfile's,
+    for FLAC, Ogg and MP3. Returns the destination path (default: ``source`` with the format's
+    extension); refuses to overwrite ``source``.
+    """
+    import soundfile
+
+    key = format.lower().lstrip(".")
+    if key not in FILE_FORMATS:
+        raise ValueError(f"unknown format {format!r}; use one of {', '.join(FILE_FORMATS)}")
+    sf_format, subtype, extension = FILE_FORMATS[key]
+    source = pathlib.Path(source)
+    dest = pathlib.Path(destination) if destination is not None else source.with_suffix(extension)
+    if dest.resolve() == source.resolve():
+        raise ValueError(f"converting {source} to {key} would overwrite it; give another path")
+    info = soundfile.info(str(source))
+    if key == "mp3":
+        if info.samplerate not in MP3_SAMPLE_RATES:
+            raise ValueError(f"MP3 cannot store {info.samplerate} Hz audio")
+        if bitrate is not None:
+            compression_level = mp3_compression_level(bitrate, info.samplerate)
+    elif bitrate is not None:
+        raise ValueError("bitrate applies to mp3 only")
+    with (
+        soundfile.SoundFile(str(source)) as reader,
+        soundfile.SoundFile(
+            str(dest),
+            "w",
+            samplerate=reader.samplerate,
+            channels=reader.channels,
+            format=sf_format,
+            subtype=subtype,
+            compression_level=compression_level,
+            bitrate_mode="CONSTANT" if key == "mp3" and bitrate is not None else None,
+        ) as writer,
+    ):
+        while True:
+            block = reader.read(blocksize, dtype="int16", always_2d=True)
+            if not len(block):
+                break
+            writer.write(block)
+    return dest
+
+
+def recover_file(path: str | os.PathLike[str]) -> int:
+    """Make a file left behind by a killed process readable; returns the samples it now holds.
+
+    - **WAV**: the RIFF and ``data`` sizes are set from the file's length (a partial last sample
+      is cut off). PCM goes to the operating system as it is written, so everything written
+      before the kill is kept. (libsndfile reads such a file even unrepaired; other readers
+      need the sizes.)
+    - **FLAC**: libFLAC writes the stream's length into its header only when the file is
+      closed. The file is decoded up to the first damaged frame and re-encoded, losslessly,
+      into a complete FLAC that replaces it (through a temporary file next to it). Lost: the
+      samples the encoder still held (at most about 0.1 s).
+    - **MP3**: already readable (a stream of frames); nothing to change. Lost: the samples LAME
+      still held (a few frames).
+
+    A file that was closed properly is left as it is. Idempotent.
+    """
+    import soundfile
+
+    path = pathlib.Path(path)
+    with path.open("rb") as fh:
+        magic = fh.read(12)
+    if magic[:4] in (b"RIFF", b"RIFX") and magic[8:12] == b"WAVE":
+        return _recover_wav(path)
+    if magic[:4] == b"fLaC":
+        return _recover_flac(path)
+    with soundfile.SoundFile(str(path)) as f:
+        return _count_readable(f)
+
+
+def _count_readable(f: Any, sink: Any = None, blocksize: int = 4096) -> int:
+    total = 0
+    while True:
+        try:
+            block = f.read(blocksize, dtype="int16", always_2d=True)
+        except Exception:  # a damaged last frame: everything before it counts
+            break
+        if not len(block):
+            break
+        if sink is not None:
+            sink.write(block)
+        total += len(block)
+    return total
+
+
+def _recover_wav(path: pathlib.Path) -> int:
+    import struct
+
+    with path.open("r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(12)
+        block_align = 0
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise SinkError(f"{path}: no data chunk; nothing to recover")
+            chunk_id, chunk_size = head[:4], struct.unpack("<I", head[4:])[0]
+            if chunk_id == b"fmt ":
+                fmt = fh.read(chunk_size)
+                block_align = struct.unpack("<H", fmt[12:14])[0]
+                fh.seek(chunk_size % 2, os.SEEK_CUR)
+                continue
+            if chunk_id == b"data":
+                data_start = fh.tell()
+                break
+            fh.seek(chunk_size + chunk_size % 2, os.SEEK_CUR)
+        if not block_align:
+            raise SinkError(f"{path}: no fmt chunk before the data; not a WAV file this can repair")
+        data_size = (size - data_start) // block_align * block_align
+        if chunk_size != data_size and chunk_size not in (0, 0xFFFFFFFF) and data_start + chunk_size <= size:
+            # a complete data chunk followed by other chunks: the file was closed properly
+            return chunk_size // block_align
+        if chunk_size != data_size:
+            fh.truncate(data_start + data_size)
+            fh.seek(data_start - 4)
+            fh.write(struct.pack("<I", data_size))
+            fh.seek(4)
+            fh.write(struct.pack("<I", data_start + data_size - 8))
+        return data_size // block_align
+
+
+def _recover_flac(path: pathlib.Path) -> int:
+    import soundfile
+
+    with soundfile.SoundFile(str(path)) as reader:
+        if 0 <= reader.frames < 2**62:  # the header knows its length: closed properly
+            return int(reader.frames)
+        tmp = path.with_name(f".{path.name}.recovering")
+        try:
+            with soundfile.SoundFile(
+                str(tmp),
+                "w",
+                samplerate=reader.samplerate,
+                channels=reader.channels,
+                format="FLAC",
+                subtype=reader.subtype,
+            ) as writer:
+                total = _count_readable(reader, writer, blocksize=1024)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    os.replace(tmp, path)
+    return total
+
+
+# --------------------------------------------------------------------------------------- the sink
+
+
+_TEMPLATE_FIELDS = {"user": "u", "user_id": 1, "guild_id": 2, "channel_id": 3, "started": "s"}
+
+
+def check_template(template: str) -> None:
+    """Raise :class:`ValueError` if ``template`` uses anything but the file-name placeholders."""
+    try:
+        template.format(**_TEMPLATE_FIELDS)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ValueError(
+            f"template {template!r} is invalid ({type(exc).__name__}: {exc}); the placeholders are "
+            + ", ".join("{" + name + "}" for name in _TEMPLATE_FIELDS)
+        ) from None
+
+
+@dataclass(frozen=True)
+class FileSinkOptions:
+    """The options every file sink plugin (wav, flac, mp3) shares; plugins subclass it."""
+
+    directory: pathlib.Path = field(
+        default=pathlib.Path("recordings"), metadata={"help": "where the files go (created if missing)"}
+    )
+    template: str = field(
+        default="{user}",
+        metadata={
+            "help": "file name without extension: {user} {user_id} {guild_id} {channel_id} {started}; "
+            "made safe, never overwrites (-2, -3… on collisions)"
+        },
+    )
+    channels: Literal[1, 2] = field(default=2, metadata={"help": "2 = stereo (as received), 1 = mono"})
+    sample_rate: int = field(
+        default=SAMPLE_RATE,
+        metadata={
+            "help": "Hz; 48000 is the received audio as is, other rates (16000 for speech) are resampled"
+        },
+    )
+    flush_interval: float = field(
+        default=1.0,
+        metadata={"help": "seconds of audio between flushes to disk (crash safety); 0 = at the end"},
+    )
+
+    def __post_init__(self) -> None:
+        check_template(self.template)
+        if self.channels not in (1, 2):
+            raise ValueError(f"channels must be 1 (mono) or 2 (stereo), got {self.channels}")
+        if not 8000 <= self.sample_rate <= 192_000:
+            raise ValueError(f"sample_rate must be between 8000 and 192000 Hz, got {self.sample_rate}")
+        if self.flush_interval < 0:
+            raise ValueError(f"flush_interval must be >= 0 seconds, got {self.flush_interval}")
 
 
 class AudioFileSink(AudioHandlingSink):
     """One :class:`AudioFile` per user in ``directory``, aligned on the session timeline.
 
-    File names come from ``template`` (``{user}``, ``{user_id}``, ``{guild_id}``, ``{channel_id}``)
-    made safe with :func:`safe_filename`; collisions get ``-2``, ``-3``… At cleanup every file is
-    padded to the session's end, so all tracks have the same length. Subclasses choose the format
-    by overriding :meth:`open_file` (or the class attributes).
+    File names come from ``template`` (``{user}``, ``{user_id}``, ``{guild_id}``, ``{channel_id}``,
+    ``{started}``: the session's start, UTC, ``YYYYmmdd-HHMMSS``) made safe with
+    :func:`safe_filename`; a name already used in this session or already on disk gets ``-2``,
+    ``-3``… (existing files are never overwritten). At the end every file is padded to the
+    session's end, so all tracks have the same length. A user who never sends a frame gets no
+    file. Subclasses choose the format with the class attributes (``format``, ``subtype``,
+    ``extension``) and :meth:`file_options`; file sink plugins build theirs with
+    :meth:`from_options`.
+
+    Failures are per file: when a user's file cannot be created or written (disk full,
+    permissions), that file is closed with what it holds, the error is logged at once, the
+    other users' files go on, and :meth:`cleanup` raises a :class:`SinkError` naming every
+    failed file, which ``listen``'s ``after`` receives. :attr:`errors` has them by user id.
     """
 
     format: ClassVar[str] = "WAV"
@@ -317,16 +768,35 @@ class AudioFileSink(AudioHandlingSink):
         *,
         template: str = "{user}",
         channels: int = CHANNELS,
+        sample_rate: int = SAMPLE_RATE,
+        flush_interval: float = 1.0,
     ) -> None:
         super().__init__()
+        check_template(template)
+        if channels not in (1, 2):
+            raise ValueError(f"channels must be 1 (mono) or 2 (stereo), got {channels}")
         self.directory = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.template = template
         self.channels = channels
+        self.sample_rate = sample_rate
+        self.flush_interval = flush_interval
         self.files: dict[int, AudioFile] = {}
+        self.errors: dict[int, BaseException] = {}
         self._names: set[str] = set()
         self._session: SessionInfo | None = None
         self._end = 0
+
+    @classmethod
+    def from_options(cls, options: FileSinkOptions) -> Self:
+        """Build the sink from a plugin's options object (the ``SinkSpec`` factory)."""
+        return cls(
+            options.directory,
+            template=options.template,
+            channels=options.channels,
+            sample_rate=options.sample_rate,
+            flush_interval=options.flush_interval,
+        )
 
     def on_start(self, session: SessionInfo) -> None:
         self._session = session
@@ -334,47 +804,96 @@ class AudioFileSink(AudioHandlingSink):
     def on_stop(self, end: int) -> None:
         self.extend_to(end)
 
+    @property
+    def paths(self) -> dict[int, pathlib.Path]:
+        """Each user's file, by user id (failed ones included)."""
+        return {user_id: f.path for user_id, f in self.files.items()}
+
     def file_name(self, frame: AudioFrame) -> str:
         """The (unique, safe) file name of ``frame``'s user."""
+        import datetime
+
         user = frame.member.display_name if frame.member is not None else str(frame.user_id)
         session = self._session
+        started = datetime.datetime.fromtimestamp(
+            session.started_at if session else time.time(), datetime.UTC
+        )
         raw = self.template.format(
             user=user,
             user_id=frame.user_id,
             guild_id=session.guild_id if session else "",
             channel_id=session.channel_id if session else "",
+            started=started.strftime("%Y%m%d-%H%M%S"),
         )
         base = safe_filename(raw, fallback=str(frame.user_id))
         name, n = base, 1
-        while name.lower() in self._names:
+        while name.lower() in self._names or os.path.lexists(self.directory / (name + self.extension)):
             n += 1
             name = f"{base}-{n}"
         self._names.add(name.lower())
         return name + self.extension
 
+    def file_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for :class:`AudioFile` (``compression_level``, ``bitrate_mode``)."""
+        return {}
+
     def open_file(self, frame: AudioFrame) -> AudioFile:
         """Create the file for ``frame``'s user."""
         path = self.directory / self.file_name(frame)
-        return AudioFile(path, format=self.format, subtype=self.subtype, channels=self.channels)
+        return AudioFile(
+            path,
+            format=self.format,
+            subtype=self.subtype,
+            channels=self.channels,
+            sample_rate=self.sample_rate,
+            flush_interval=self.flush_interval,
+            **self.file_options(),
+        )
 
     def on_valid_audio(self, frame: AudioFrame) -> None:
-        audio_file = self.files.get(frame.user_id)
-        if audio_file is None:
-            audio_file = self.files[frame.user_id] = self.open_file(frame)
-        audio_file.write(frame)
         self._end = max(self._end, frame.end)
+        user_id = frame.user_id
+        if user_id in self.errors:
+            return
+        audio_file = self.files.get(user_id)
+        try:
+            if audio_file is None:
+                audio_file = self.files[user_id] = self.open_file(frame)
+            audio_file.write(frame)
+        except Exception as exc:
+            self._file_failed(user_id, audio_file, exc)
+
+    def _file_failed(self, user_id: int, audio_file: AudioFile | None, exc: BaseException) -> None:
+        self.errors[user_id] = exc
+        where = audio_file.path if audio_file is not None else f"the file of user {user_id}"
+        _log.error(
+            "%s: %s failed; it is closed with what it holds and the other users' files go on: %s",
+            type(self).__name__,
+            where,
+            exc,
+        )
+        if audio_file is not None:
+            with contextlib.suppress(Exception):
+                audio_file.cleanup()
 
     def cleanup(self) -> None:
-        errors: list[BaseException] = []
-        for audio_file in self.files.values():
+        for user_id, audio_file in self.files.items():
+            if user_id in self.errors:
+                continue
             try:
-                audio_file.pad_to(self._end)
+                try:
+                    audio_file.pad_to(self._end)
+                finally:
+                    audio_file.cleanup()
             except Exception as exc:  # one user's failing file must not cost the others theirs
-                errors.append(exc)
-            finally:
-                audio_file.cleanup()
-        if errors:
-            raise SinkError(f"{len(errors)} file(s) could not be finished: {errors[0]}") from errors[0]
+                self._file_failed(user_id, audio_file, exc)
+        if self.errors:
+            failed = [str(self.files[u].path) if u in self.files else f"user {u}" for u in self.errors]
+            first = next(iter(self.errors.values()))
+            raise SinkError(
+                f"{len(failed)} file(s) failed and hold only what was written before: "
+                f"{', '.join(failed)}; first error: {first}"
+            ) from first
 
     def extend_to(self, samples: int) -> None:
         """Make every track at least ``samples`` long (the session's end) at cleanup."""

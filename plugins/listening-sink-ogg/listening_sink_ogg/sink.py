@@ -1,0 +1,268 @@
+"""The ``ogg-opus`` sink: one Ogg Opus file per speaker, the received Opus packets untouched."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from listening_core.sinks import AudioFrame, AudioHandlingSink, SessionInfo, SinkError, safe_filename
+
+from .ogg import OggOpusWriter
+
+__all__ = ["OggOpusOptions", "OggOpusSink"]
+
+_log = logging.getLogger(__name__)
+
+VERSION = "0.1.0.dev0"
+_TEMPLATE_KEYS = {"user": "name", "user_id": 1, "guild_id": 2, "channel_id": 3}
+
+
+@dataclass(frozen=True)
+class OggOpusOptions:
+    """Options of the ``ogg-opus`` sink."""
+
+    directory: Path = field(
+        default=Path("recordings"), metadata={"help": "folder for the files (created if missing)"}
+    )
+    template: str = field(
+        default="{user}",
+        metadata={
+            "help": "file name without '.opus': {user} (display name), {user_id}, {guild_id}, {channel_id}"
+        },
+    )
+    flush_interval: float = field(
+        default=1.0,
+        metadata={"help": "seconds at most that received audio waits in memory before it is written"},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.flush_interval <= 60:
+            raise ValueError(f"flush_interval must be in (0, 60] seconds, got {self.flush_interval}")
+        try:
+            self.template.format(**_TEMPLATE_KEYS)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"template {self.template!r} is invalid ({type(exc).__name__}: {exc}); "
+                "use {user}, {user_id}, {guild_id} and {channel_id}"
+            ) from None
+
+
+@dataclass(eq=False)
+class _Track:
+    user_id: int
+    path: Path
+    writer: OggOpusWriter | None
+    error: BaseException | None = None
+    skipped: int = 0  # frames without Opus (lost, then recovered or concealed by the receiver)
+
+
+class OggOpusSink(AudioHandlingSink):
+    """One ``.opus`` file per speaker in ``directory``: every received Opus packet stored as is.
+
+    Nothing is decoded or re-encoded (``wants_pcm = False``: the receiver skips decoding too).
+    Packets sit at their session positions through granule positions (see
+    :mod:`listening_sink_ogg.ogg` for the convention): every file runs from session sample 0 to the
+    session's end, a pause or a lost frame is a jump between pages. Pages are written as frames
+    arrive and at least every ``flush_interval`` seconds, so memory stays flat and a crash costs
+    at most that much. A speaker whose file cannot be written (disk full...) loses nothing already
+    written and does not stop the others; the failure is raised at cleanup and reaches ``after``.
+
+    ``OggOpusSink(OggOpusOptions(...))``, ``OggOpusSink(directory=...)`` or
+    ``vc.listen("ogg-opus", options={...})``.
+    """
+
+    wants_pcm: ClassVar[bool] = False
+    extension: ClassVar[str] = ".opus"
+
+    def __init__(self, options: OggOpusOptions | None = None, **overrides: object) -> None:
+        super().__init__()
+        options = options or OggOpusOptions()
+        if overrides:
+            if "directory" in overrides and not isinstance(overrides["directory"], Path):
+                overrides["directory"] = Path(str(overrides["directory"]))
+            options = dataclasses.replace(options, **overrides)  # type: ignore[arg-type]
+        self.options = options
+        self.directory = Path(options.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tracks: dict[int, _Track] = {}
+        self.session: SessionInfo | None = None
+        self._names: set[str] = set()
+        self._end = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+
+    # -- what users read
+
+    @property
+    def files(self) -> dict[int, Path]:
+        """User id → the path of that speaker's file."""
+        return {user_id: track.path for user_id, track in self.tracks.items()}
+
+    @property
+    def errors(self) -> dict[int, BaseException]:
+        """User id → why that speaker's file stopped being written (empty when all went well)."""
+        return {user_id: track.error for user_id, track in self.tracks.items() if track.error is not None}
+
+    # -- AudioSink
+
+    def on_start(self, session: SessionInfo) -> None:
+        self.session = session
+
+    def on_valid_audio(self, frame: AudioFrame) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._end = max(self._end, frame.end)
+            track = self.tracks.get(frame.user_id)
+            if track is None:
+                track = self.tracks[frame.user_id] = self._open(frame)
+            writer = track.writer
+            if writer is None:
+                return
+            if not frame.opus:
+                track.skipped += 1  # lost: a gap in the file (the receiver counts it in its stats)
+                return
+            now = time.monotonic()
+            try:
+                writer.write(frame.opus, frame.position, now)
+                if (
+                    writer.pending_since is not None
+                    and now - writer.pending_since >= self.options.flush_interval
+                ):
+                    writer.flush()
+            except Exception as exc:
+                self._fail(track, exc)
+
+    def on_stop(self, end: int) -> None:
+        with self._lock:
+            self._end = max(self._end, end)
+
+    def cleanup(self) -> None:
+        self._stop.set()
+        flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(5)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for track in self.tracks.values():
+                if track.writer is None:
+                    continue
+                try:
+                    track.writer.finish(self._end)
+                except Exception as exc:
+                    self._fail(track, exc)
+        failed = [track for track in self.tracks.values() if track.error is not None]
+        if failed:
+            first = failed[0].error
+            assert first is not None
+            names = ", ".join(f"{track.path.name} (user {track.user_id}): {track.error}" for track in failed)
+            raise SinkError(
+                f"ogg-opus: {len(failed)} of {len(self.tracks)} file(s) could not be written completely; "
+                f"each holds what was written before the error: {names}"
+            ) from first
+
+    # -- internals
+
+    def file_name(self, frame: AudioFrame) -> str:
+        """The (unique within this session, safe) file name of ``frame``'s speaker."""
+        user = frame.member.display_name if frame.member is not None else str(frame.user_id)
+        session = self.session
+        raw = self.options.template.format(
+            user=user,
+            user_id=frame.user_id,
+            guild_id=session.guild_id if session and session.guild_id is not None else "",
+            channel_id=session.channel_id if session and session.channel_id is not None else "",
+        )
+        base = safe_filename(raw, fallback=str(frame.user_id))
+        name, n = base, 1
+        while name.lower() in self._names:
+            n += 1
+            name = f"{base}-{n}"
+        self._names.add(name.lower())
+        return name + self.extension
+
+    def _open(self, frame: AudioFrame) -> _Track:
+        path = self.directory / self.file_name(frame)
+        track = _Track(frame.user_id, path, None)
+        comments = [
+            "ENCODER=listening-sink-ogg (Opus packets as received: not decoded, not re-encoded)",
+            f"LISTENING_CORE_USER_ID={frame.user_id}",
+            "LISTENING_CORE_TIMELINE=granule 0 is session sample 0 (48 kHz); pauses are granule jumps",
+        ]
+        if frame.member is not None:
+            comments.insert(0, f"ARTIST={frame.member.display_name}")
+        session = self.session
+        if session is not None:
+            started = datetime.datetime.fromtimestamp(session.started_at, datetime.UTC)
+            comments.append(f"DATE={started.isoformat(timespec='milliseconds')}")
+            comments.append(f"LISTENING_CORE_STARTED_AT={session.started_at:.6f}")
+            if session.guild_id is not None:
+                comments.append(f"LISTENING_CORE_GUILD_ID={session.guild_id}")
+            if session.channel_id is not None:
+                comments.append(f"LISTENING_CORE_CHANNEL_ID={session.channel_id}")
+        file = None
+        try:
+            file = open(path, "wb", buffering=0)  # noqa: SIM115 - owned by the writer until finish()
+            track.writer = OggOpusWriter(
+                file,
+                serial=frame.user_id,
+                vendor=f"listening-sink-ogg {VERSION}",
+                comments=comments,
+            )
+        except Exception as exc:
+            if file is not None:
+                file.close()
+            self._fail(track, exc)
+        if self._flusher is None:
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name=f"listening-sink-ogg-flush-{id(self):x}", daemon=True
+            )
+            self._flusher.start()
+        return track
+
+    def _fail(self, track: _Track, exc: BaseException) -> None:
+        """Stop writing ``track`` (what is on disk stays); the error is raised at cleanup (lock held)."""
+        if track.error is None:
+            track.error = exc
+        writer, track.writer = track.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                _log.debug("closing %s after a failed write also failed", track.path, exc_info=True)
+        _log.error(
+            "ogg-opus: cannot write %s (user %d), its recording stops here; the others go on: %r",
+            track.path,
+            track.user_id,
+            exc,
+        )
+
+    def _flush_loop(self) -> None:
+        interval = self.options.flush_interval
+        while not self._stop.wait(min(interval / 4, 0.25)):
+            now = time.monotonic()
+            with self._lock:
+                if self._closed:
+                    return
+                for track in self.tracks.values():
+                    writer = track.writer
+                    if writer is None or writer.pending_since is None:
+                        continue
+                    if now - writer.pending_since >= interval:
+                        try:
+                            writer.flush()
+                        except Exception as exc:
+                            self._fail(track, exc)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.directory} speakers={len(self.tracks)}>"

@@ -1,0 +1,556 @@
+"""The ``vad-segments`` sink: one WAV file per utterance per user, found with webrtcvad.
+
+Each user's audio is downmixed to mono and cut into ``frame_ms`` frames that webrtcvad judges
+speech or not (48 kHz, so nothing is resampled for detection). Hysteresis turns the verdicts
+into utterances:
+
+- an utterance starts at the first speech frame, with up to ``padding_ms`` of the audio before
+  it (a ring buffer of frames; silence where the user sent nothing) as lead-in;
+- it ends once ``max_silence_ms`` of non-speech follow its last speech frame (a user who stops
+  sending is silent, up to the session's end); the speech end is moved back by webrtcvad's
+  hangover, and ``padding_ms`` of what follows (at most what ``max_silence_ms`` held) is kept;
+- an utterance whose speech is shorter than ``min_speech_ms`` is discarded.
+
+Each utterance is streamed to ``{directory}/{template}.wav`` (mono, 48 or 16 kHz) once its speech
+reaches ``min_speech_ms``; when it ends, the file is closed, a line is appended (and flushed) to
+the JSON-lines manifest, and ``on_segment(segment)`` is called. Times are seconds on the session
+timeline (0 = when ``listen`` started). An utterance still open when the session stops is
+finished at cleanup.
+
+``on_segment`` runs on the session's delivery thread, which also hands every other frame to the
+sink: it must return quickly (hand the segment to a queue, an executor or
+``loop.call_soon_threadsafe``). An exception from it is logged and counted in
+:attr:`VadSegmentsSink.callback_errors`; recording goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from listening_core.hookspecs import SinkSpec, hookimpl
+from listening_core.sinks import AudioFrame, AudioHandlingSink, SessionInfo, SinkError, safe_filename
+
+from ._wav import WavWriter, repair_wav
+
+__all__ = ["Segment", "VadOptions", "VadSegmentsSink", "listening_sinks", "repair_wav"]
+__version__ = "0.1.0.dev0"
+
+_log = logging.getLogger(__name__)
+
+RATE = 48_000
+# webrtcvad keeps saying "speech" for a few frames after speech ends (its hangover; vad_core.c,
+# kOverHangMax1*/kOverHangMax2*, in frames of 10/20/30 ms): modes 0-1 and 2-3 share values. The
+# reported speech end is moved back by it; the short one applies to bursts under 6 frames.
+_HANGOVER_LONG = {0: {10: 14, 20: 7, 30: 5}, 2: {10: 9, 20: 5, 30: 3}}
+_HANGOVER_SHORT = {0: {10: 8, 20: 4, 30: 3}, 2: {10: 6, 20: 3, 30: 2}}
+_TEMPLATE_KEYS = {
+    "user": "alice",
+    "user_id": 1,
+    "index": 1,
+    "start_ms": 0,
+    "guild_id": 0,
+    "channel_id": 0,
+}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One finished utterance, as written to disk and to the manifest."""
+
+    user_id: int
+    user: str
+    """The member's display name when the segment started (the user id if unknown)."""
+    index: int
+    """1, 2, 3… per user."""
+    start: float
+    """Session seconds of the file's first sample (lead-in padding included)."""
+    end: float
+    """Session seconds just after the file's last sample (tail padding included)."""
+    speech_start: float
+    """Session seconds where the first speech frame starts."""
+    speech_end: float
+    """Session seconds where the last speech frame ends."""
+    file: str
+    """The file name, relative to the sink's directory."""
+    frames: int
+    """Samples in the file (mono, at :attr:`sample_rate`): ``(end - start) * sample_rate``."""
+    sample_rate: int
+    path: Path = field(compare=False)
+    """The file's full path."""
+
+    @property
+    def pcm(self) -> bytes:
+        """The segment's audio, mono s16le at :attr:`sample_rate` (read from the file)."""
+        import soundfile
+
+        data, _ = soundfile.read(self.path, dtype="int16")
+        return np.ascontiguousarray(data, dtype="<i2").tobytes()
+
+    def manifest_line(self) -> dict[str, Any]:
+        """The JSON object written to the manifest for this segment."""
+        line = asdict(self)
+        del line["path"]
+        return line
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    """Options of the ``vad-segments`` sink."""
+
+    directory: Path = field(default=Path("segments"), metadata={"help": "where segments and the manifest go"})
+    aggressiveness: int = field(
+        default=2,
+        metadata={"help": "webrtcvad mode, 0 (least) to 3 (most aggressive in rejecting non-speech)"},
+    )
+    frame_ms: Literal[10, 20, 30] = field(default=30, metadata={"help": "webrtcvad frame: 10, 20 or 30 ms"})
+    padding_ms: int = field(
+        default=200, metadata={"help": "audio kept before and after the speech (ring buffer of frames)"}
+    )
+    min_speech_ms: int = field(
+        default=250, metadata={"help": "utterances with less speech than this are discarded"}
+    )
+    max_silence_ms: int = field(default=600, metadata={"help": "this much non-speech ends an utterance"})
+    sample_rate: Literal[48000, 16000] = field(
+        default=48000, metadata={"help": "segment files: 48000 or 16000 Hz (mono, 16-bit)"}
+    )
+    template: str = field(
+        default="{user}-{index:04d}-{start_ms}",
+        metadata={
+            "help": "segment file name without extension: {user}, {user_id}, {index}, {start_ms}, "
+            "{guild_id}, {channel_id}; made safe, '.wav' added"
+        },
+    )
+    manifest: str = field(
+        default="segments.jsonl", metadata={"help": "JSON-lines manifest in directory, appended to"}
+    )
+    on_segment: Callable[[Segment], Any] | None = field(
+        default=None,
+        metadata={"help": "called with each finished Segment, on the delivery thread: keep it quick"},
+    )
+    flush_interval: float = field(
+        default=1.0, metadata={"help": "seconds between flushes of an open segment file"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.aggressiveness <= 3:
+            raise ValueError(f"aggressiveness must be 0, 1, 2 or 3, got {self.aggressiveness}")
+        if self.frame_ms not in (10, 20, 30):
+            raise ValueError(f"frame_ms must be 10, 20 or 30, got {self.frame_ms}")
+        if not 0 <= self.padding_ms <= 10_000:
+            raise ValueError(f"padding_ms must be between 0 and 10000, got {self.padding_ms}")
+        if not 0 <= self.min_speech_ms <= 3_600_000:
+            raise ValueError(f"min_speech_ms must be between 0 and 3600000, got {self.min_speech_ms}")
+        if not self.frame_ms <= self.max_silence_ms <= 60_000:
+            raise ValueError(
+                f"max_silence_ms must be between frame_ms ({self.frame_ms}) and 60000, got {self.max_silence_ms}"
+            )
+        if self.sample_rate not in (48000, 16000):
+            raise ValueError(f"sample_rate must be 48000 or 16000, got {self.sample_rate}")
+        if not 0.02 <= self.flush_interval <= 60:
+            raise ValueError(f"flush_interval must be between 0.02 and 60 seconds, got {self.flush_interval}")
+        if not self.manifest or safe_filename(self.manifest, fallback="") != self.manifest:
+            raise ValueError(f"manifest must be a plain file name, got {self.manifest!r}")
+        try:
+            self.template.format(**_TEMPLATE_KEYS)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"template {self.template!r} is not a valid template ({exc!r}); "
+                f"use {', '.join('{' + k + '}' for k in _TEMPLATE_KEYS)}"
+            ) from None
+
+
+class _Decimator:
+    """48 kHz → 16 kHz for one segment: linear-phase low-pass FIR, delay compensated, zero edges."""
+
+    _TAPS: np.ndarray | None = None
+    _HALF = 48  # (taps - 1) / 2, a multiple of 3
+
+    def __init__(self) -> None:
+        if _Decimator._TAPS is None:
+            n = np.arange(-self._HALF, self._HALF + 1)
+            cutoff = 7_000 / RATE  # pass band to 7 kHz, well down by 8 kHz
+            taps = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(len(n), 8.0)
+            _Decimator._TAPS = taps / taps.sum()
+        self._hist = np.zeros(2 * self._HALF)
+        self._count = 0  # input samples consumed
+        self._skip = self._HALF // 3  # outputs that belong before the segment's first sample
+
+    def process(self, mono: np.ndarray) -> np.ndarray:
+        assert self._TAPS is not None
+        buf = np.concatenate([self._hist, mono.astype(np.float64)])
+        y = np.convolve(buf, self._TAPS, mode="valid")  # y[i] is centred on input sample count+i-HALF
+        self._hist = buf[-2 * self._HALF :]
+        first = (-self._count) % 3
+        out = y[first::3]
+        self._count += len(mono)
+        if self._skip:
+            drop = min(self._skip, len(out))
+            out = out[drop:]
+            self._skip -= drop
+        return np.clip(np.round(out), -32768, 32767).astype("<i2")
+
+    def finish(self) -> np.ndarray:
+        return self.process(np.zeros(self._HALF))
+
+
+_Frame = tuple[int, np.ndarray]  # (session position, mono int16 samples)
+
+
+class _Utterance:
+    """An utterance being collected for one user."""
+
+    def __init__(self, start: int, speech_start: int) -> None:
+        self.start = start
+        self.speech_start = speech_start
+        self.speech_end = speech_start
+        # Frames not written yet: all of them until the file opens (speech < min_speech), then
+        # the last speech frames (they may be webrtcvad's hangover) and the non-speech after them.
+        self.held: collections.deque[_Frame] = collections.deque()
+        self.tail_samples = 0  # non-speech after the last speech frame
+        self.written_end = start  # session sample just after what went into the file
+        self.writer: WavWriter | None = None
+        self.decimator: _Decimator | None = None
+        self.name = ""
+        self.index = 0
+        self.last_flush = 0.0
+
+
+class _UserState:
+    def __init__(self, user_id: int, vad: Any) -> None:
+        self.user_id = user_id
+        self.name = str(user_id)
+        self.vad = vad
+        self.partial = np.zeros(0, dtype=np.int16)  # mono samples of an incomplete VAD frame
+        self.next_pos: int | None = None  # session sample just after the last sample received
+        self.ring: collections.deque[_Frame] = collections.deque()
+        self.utterance: _Utterance | None = None
+        self.index = 0
+
+
+class VadSegmentsSink(AudioHandlingSink):
+    """Writes one WAV per utterance per user and a JSON-lines manifest (see the module docstring)."""
+
+    def __init__(self, options: VadOptions | None = None) -> None:
+        super().__init__()
+        import webrtcvad  # noqa: F401 - fail early if missing
+
+        self.options = options = options or VadOptions()
+        self.directory = Path(options.directory)
+        self.frame = options.frame_ms * RATE // 1000
+        self.pad_frames = math.ceil(options.padding_ms / options.frame_ms)
+        self.padding = round(options.padding_ms * RATE / 1000)
+        self.min_speech = round(options.min_speech_ms * RATE / 1000)
+        self.max_silence = round(options.max_silence_ms * RATE / 1000)
+        table = 0 if options.aggressiveness < 2 else 2
+        self._hang_long = _HANGOVER_LONG[table][options.frame_ms] * self.frame
+        self._hang_short = _HANGOVER_SHORT[table][options.frame_ms] * self.frame
+        self.segments: list[Segment] = []
+        """Every segment written, in the order they finished (small: no audio)."""
+        self.discarded = 0
+        """Utterances dropped for having less than ``min_speech_ms`` of speech."""
+        self.callback_errors = 0
+        self._users: dict[int, _UserState] = {}
+        self._names: set[str] = set()
+        self._session: SessionInfo | None = None
+        self._manifest: Any = None
+        self._failed: BaseException | None = None
+        self._closed = False
+
+    # -- lifecycle
+
+    def on_start(self, session: SessionInfo) -> None:
+        self._session = session
+        self._open_manifest()
+
+    def _open_manifest(self) -> Any:
+        if self._manifest is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / self.options.manifest
+            try:
+                self._manifest = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in cleanup
+            except OSError as exc:
+                self._failed = exc
+                raise SinkError(f"vad-segments: cannot open the manifest {path}: {exc}") from exc
+        return self._manifest
+
+    @property
+    def manifest_path(self) -> pathlib.Path:
+        """The JSON-lines manifest."""
+        return self.directory / self.options.manifest
+
+    def on_valid_audio(self, frame: AudioFrame) -> None:
+        if frame.pcm is None:
+            raise SinkError(f"vad-segments needs PCM; the frame of user {frame.user_id} has none")
+        if self._failed is not None:
+            raise SinkError(f"vad-segments failed earlier: {self._failed}")
+        self._open_manifest()
+        state = self._users.get(frame.user_id)
+        if state is None:
+            import webrtcvad
+
+            state = self._users[frame.user_id] = _UserState(
+                frame.user_id, webrtcvad.Vad(self.options.aggressiveness)
+            )
+        if frame.member is not None:
+            state.name = frame.member.display_name
+        stereo = np.frombuffer(frame.pcm, dtype="<i2").reshape(-1, 2).astype(np.int32)
+        mono = ((stereo[:, 0] + stereo[:, 1]) >> 1).astype(np.int16)
+        pos = frame.position
+        if state.next_pos is None:
+            # before their first frame the user was silent too: that silence can be lead-in
+            state.next_pos = max(0, pos - self.pad_frames * self.frame)
+        if pos > state.next_pos:
+            self._feed_silence(state, pos - state.next_pos)
+        elif pos < state.next_pos:  # overlaps what was fed: keep only the new part
+            mono = mono[state.next_pos - pos :]
+        self._feed(state, mono)
+
+    def on_stop(self, end: int) -> None:
+        """The session ended at ``end``: users were silent from their last frame up to there."""
+        if self._failed is not None:
+            return
+        for state in self._users.values():
+            if state.next_pos is not None and state.next_pos < end:
+                self._feed_silence(state, end - state.next_pos)
+
+    def cleanup(self) -> None:
+        """Finish every open utterance, close the manifest."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[BaseException] = []
+        for state in self._users.values():
+            try:
+                if self._failed is None:
+                    self._finish(state)
+                else:
+                    self._abandon(state)
+            except Exception as exc:
+                errors.append(exc)
+                self._abandon(state)
+        if self._manifest is not None:
+            try:
+                self._manifest.close()
+            except OSError as exc:
+                errors.append(exc)
+        if errors and self._failed is None:
+            raise SinkError(f"vad-segments: finishing failed: {errors[0]}") from errors[0]
+
+    # -- the stream of one user
+
+    def _feed_silence(self, state: _UserState, n: int) -> None:
+        """The user sent nothing for ``n`` samples: that is non-speech."""
+        f = self.frame
+        while n > 0:
+            if state.utterance is None and len(state.partial) == 0 and n > (self.pad_frames + 1) * f:
+                skip = (n // f - self.pad_frames) * f  # nothing can happen in there: jump
+                state.ring.clear()
+                assert state.next_pos is not None
+                state.next_pos += skip
+                n -= skip
+                continue
+            k = min(n, f - len(state.partial)) if len(state.partial) else min(n, f)
+            self._feed(state, np.zeros(k, dtype=np.int16))
+            n -= k
+
+    def _feed(self, state: _UserState, mono: np.ndarray) -> None:
+        assert state.next_pos is not None
+        f = self.frame
+        data = np.concatenate([state.partial, mono]) if len(state.partial) else mono
+        start = state.next_pos - len(state.partial)
+        whole = len(data) - len(data) % f
+        for i in range(0, whole, f):
+            self._vad_frame(state, start + i, data[i : i + f])
+        state.partial = data[whole:].copy()
+        state.next_pos += len(mono)
+
+    def _vad_frame(self, state: _UserState, pos: int, mono: np.ndarray) -> None:
+        speech = state.vad.is_speech(mono.tobytes(), RATE)
+        utt = state.utterance
+        if utt is None:
+            if not speech:
+                state.ring.append((pos, mono))
+                while len(state.ring) > self.pad_frames:
+                    state.ring.popleft()
+                return
+            # the lead-in: the ring's frames that run contiguously into this one, up to padding
+            lead: list[_Frame] = []
+            expect = pos
+            for fr in reversed(state.ring):
+                if fr[0] + len(fr[1]) != expect or fr[0] + len(fr[1]) <= pos - self.padding:
+                    break
+                lead.append(fr)
+                expect = fr[0]
+            lead.reverse()
+            if lead and lead[0][0] < pos - self.padding:  # trim to exactly padding
+                p0, a0 = lead[0]
+                cut = pos - self.padding - p0
+                lead[0] = (p0 + cut, a0[cut:])
+            state.ring.clear()
+            utt = state.utterance = _Utterance(lead[0][0] if lead else pos, pos)
+            utt.written_end = utt.start
+            utt.held.extend(lead)
+            utt.held.append((pos, mono))
+            utt.speech_end = pos + len(mono)
+        elif speech:
+            utt.held.append((pos, mono))
+            utt.tail_samples = 0
+            utt.speech_end = pos + len(mono)
+        else:
+            utt.held.append((pos, mono))
+            utt.tail_samples += len(mono)
+            if utt.tail_samples >= self.max_silence:
+                self._finish(state)
+                return
+        safe = utt.speech_end - self._hang_long  # in the file whatever the hangover turns out to be
+        if utt.writer is None and safe - utt.speech_start >= self.min_speech:
+            self._open_segment(state, utt)  # enough speech: stream from here on
+        if utt.writer is not None:
+            while utt.held and utt.held[0][0] + len(utt.held[0][1]) <= safe:
+                self._write(utt, utt.held.popleft())
+
+    def _open_segment(self, state: _UserState, utt: _Utterance) -> None:
+        session = self._session
+        state.index += 1
+        raw = self.options.template.format(
+            user=state.name,
+            user_id=state.user_id,
+            index=state.index,
+            start_ms=round(utt.start * 1000 / RATE),
+            guild_id=session.guild_id if session and session.guild_id is not None else "",
+            channel_id=session.channel_id if session and session.channel_id is not None else "",
+        )
+        base = safe_filename(raw, fallback=f"{state.user_id}-{state.index:04d}")
+        name, n = base, 1
+        while name.lower() in self._names or name.lower() == self.options.manifest.lower():
+            n += 1
+            name = f"{base}-{n}"
+        self._names.add(name.lower())
+        utt.name = name + ".wav"
+        utt.index = state.index
+        path = self.directory / utt.name
+        try:
+            utt.writer = WavWriter(path, channels=1, sample_rate=self.options.sample_rate)
+        except OSError as exc:
+            self._failed = exc
+            raise SinkError(f"vad-segments: cannot create {path}: {exc}") from exc
+        if self.options.sample_rate != RATE:
+            utt.decimator = _Decimator()
+        utt.last_flush = time.monotonic()
+
+    def _write(self, utt: _Utterance, fr: _Frame, limit: int | None = None) -> None:
+        pos, mono = fr
+        if limit is not None:
+            mono = mono[: max(0, limit - pos)]
+        assert utt.writer is not None and pos == utt.written_end, (pos, utt.written_end)
+        out = utt.decimator.process(mono) if utt.decimator is not None else mono
+        try:
+            utt.writer.write(out.astype("<i2").tobytes())
+            utt.written_end = pos + len(mono)
+            now = time.monotonic()
+            if now - utt.last_flush >= self.options.flush_interval:
+                utt.writer.flush()
+                utt.last_flush = now
+        except OSError as exc:
+            self._failed = exc
+            raise SinkError(f"vad-segments: writing {utt.writer.path} failed: {exc}") from exc
+
+    def _finish(self, state: _UserState) -> None:
+        """End the user's utterance: write the tail padding, close, manifest line, callback."""
+        utt = state.utterance
+        if utt is None:
+            return
+        state.utterance = None
+        # where speech really ended: before webrtcvad's hangover (which has passed only if some
+        # non-speech followed; an utterance cut by the session's stop keeps all its speech)
+        flagged = utt.speech_end - utt.speech_start
+        hang = self._hang_long if flagged >= 6 * self.frame else self._hang_short
+        if utt.tail_samples == 0:
+            hang = 0
+        speech_end = max(utt.speech_start + min(self.frame, flagged), utt.speech_end - hang)
+        end = min(speech_end + self.padding, utt.speech_end + utt.tail_samples)
+        if utt.writer is None and speech_end - utt.speech_start >= self.min_speech:
+            self._open_segment(state, utt)
+        if utt.writer is None:  # less than min_speech of speech
+            self.discarded += 1
+        for fr in utt.held:
+            if utt.writer is not None and fr[0] < end:
+                self._write(utt, fr, limit=end)
+            elif fr[0] >= end:
+                state.ring.append(fr)
+        while len(state.ring) > self.pad_frames:
+            state.ring.popleft()
+        if utt.writer is None:
+            return
+        writer = utt.writer
+        try:
+            if utt.decimator is not None:
+                writer.write(utt.decimator.finish().tobytes())
+            writer.close()
+        except OSError as exc:
+            self._failed = exc
+            raise SinkError(f"vad-segments: writing {writer.path} failed: {exc}") from exc
+        segment = Segment(
+            user_id=state.user_id,
+            user=state.name,
+            index=utt.index,
+            start=utt.start / RATE,
+            end=utt.written_end / RATE,
+            speech_start=utt.speech_start / RATE,
+            speech_end=speech_end / RATE,
+            file=utt.name,
+            frames=writer.frames,
+            sample_rate=self.options.sample_rate,
+            path=writer.path,
+        )
+        manifest = self._open_manifest()
+        try:
+            manifest.write(json.dumps(segment.manifest_line(), ensure_ascii=False) + "\n")
+            manifest.flush()
+        except OSError as exc:
+            self._failed = exc
+            raise SinkError(f"vad-segments: writing the manifest {self.manifest_path} failed: {exc}") from exc
+        self.segments.append(segment)
+        callback = self.options.on_segment
+        if callback is not None:
+            try:
+                callback(segment)
+            except Exception:
+                self.callback_errors += 1
+                _log.exception("vad-segments: on_segment raised for %s (recording goes on)", segment.file)
+
+    def _abandon(self, state: _UserState) -> None:
+        """After a failure: close what is open without writing more."""
+        utt, state.utterance = state.utterance, None
+        if utt is not None and utt.writer is not None:
+            try:
+                utt.writer.close()
+            except OSError:
+                _log.debug("closing %s after a failure failed too", utt.writer.path, exc_info=True)
+
+    def __repr__(self) -> str:
+        return f"<VadSegmentsSink {self.directory} segments={len(self.segments)}>"
+
+
+@hookimpl
+def listening_sinks() -> list[SinkSpec]:
+    """The sinks of listening-sink-vad."""
+    return [
+        SinkSpec(
+            "vad-segments",
+            VadSegmentsSink,
+            VadOptions,
+            "one WAV per utterance per user (webrtcvad) and a JSON-lines manifest",
+        )
+    ]
