@@ -70,6 +70,7 @@ class AudioProcessPool:
         self._lock = threading.RLock()
         self._batch_ids = 0
         self._closed = False
+        self._stopped_collecting = False
         self._result_thread: threading.Thread | None = None
         self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
         self.restarts = 0
@@ -191,7 +192,7 @@ class AudioProcessPool:
     def _collect(self) -> None:
         while True:
             with self._lock:
-                if self._closed and not any(w.pending for w in self._workers):
+                if self._stopped_collecting or (self._closed and not any(w.pending for w in self._workers)):
                     return
                 conns: dict[Any, _Worker] = {w.conn: w for w in self._workers if w.conn is not None}
                 sentinels = {w.process.sentinel: w for w in self._workers if w.process is not None}
@@ -253,28 +254,32 @@ class AudioProcessPool:
         if wait:
             while any(w.pending for w in workers) and time.monotonic() < deadline:
                 time.sleep(0.005)
+        # Stop the result thread first: it must not take the workers' exit for a death (and forget
+        # them, w.process = None, under our feet), nor wait on sentinels we are about to close.
+        self._stopped_collecting = True
+        self._wake()
+        if self._result_thread is not None:
+            self._result_thread.join(2.0)
         with self._lock:
-            for w in workers:
-                if w.conn is not None:
+            owned = [(w, w.process, w.conn) for w in workers]
+            for _, _, conn in owned:
+                if conn is not None:
                     with contextlib.suppress(OSError):
-                        w.conn.send(None)
-        for w in workers:
-            if w.process is not None:
-                w.process.join(max(0.0, deadline - time.monotonic()))
-                if w.process.is_alive():
-                    w.process.kill()
-                    w.process.join(1.0)
-                w.process.close()
-            if w.conn is not None:
-                w.conn.close()
+                        conn.send(None)
+        for w, process, conn in owned:
+            if process is not None:
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    process.kill()
+                    process.join(1.0)
+                process.close()
+            if conn is not None:
+                conn.close()
             with self._lock:
                 while w.pending:
                     _, future = w.pending.popleft()
                     future.set_exception(PoolClosed("the AudioProcessPool was shut down"))
                 w.process, w.conn = None, None
-        self._wake()
-        if self._result_thread is not None:
-            self._result_thread.join(2.0)
         self._wakeup_r.close()
         self._wakeup_w.close()
 

@@ -69,6 +69,8 @@ class ListenOptions:
     spurt_gap: float = 0.1
     """A pause in arrivals longer than this starts a new talk spurt (re-checked on the timeline)."""
     max_held_per_stream: int = 256
+    stop_grace: float = 0.05
+    """After stop(), datagrams are still read this long: what was already in the socket is delivered."""
 
 
 @dataclass
@@ -188,10 +190,12 @@ class AudioReceiver(threading.Thread):
         self.unattributed: collections.Counter[str] = collections.Counter()
         self._streams: dict[int, _Stream] = {}
         self._unmapped: dict[int, collections.deque[tuple[RtpHeader, bytes, float]]] = {}
+        self._not_audio_unmapped: collections.Counter[int] = collections.Counter()
         self._lock = threading.RLock()
         self._paused = False
         self._stopped_at: float | None = None
         self._stopping = threading.Event()
+        self._closed = False
         self._finished = threading.Event()
         self._jobs: dict[int, list[DecodeJob]] = collections.defaultdict(list)
         self._meta: dict[int, list[AudioFrame]] = collections.defaultdict(list)
@@ -220,7 +224,7 @@ class AudioReceiver(threading.Thread):
             self._sink_error(exc)
         self._delivery_thread.start()
         super().start()
-        vc._connection.add_socket_listener(self.on_datagram)
+        vc._attach(self)
 
     @property
     def finished(self) -> threading.Event:
@@ -234,11 +238,23 @@ class AudioReceiver(threading.Thread):
             now = time.monotonic()
             for stream in self._streams.values():
                 self._drain_stream(stream, now, final=True)
-                stream.speaking = False
+                if stream.speaking:
+                    stream.speaking = False
+                    self._dispatch("listening_speaking_stop", stream.user_id)
 
     def resume(self) -> None:
         with self._lock:
+            # what arrived while paused was discarded, not lost: each stream's next packet starts a
+            # fresh jitter buffer instead of opening a gap that would be concealed into the pause
+            for stream in self._streams.values():
+                stream.jitter = JitterBuffer(self.options.jitter_delay, has_fec=_always)
+                stream.seen_duplicates = stream.seen_late = 0
             self._paused = False
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called (or the sink failed); the session is winding down."""
+        return self._stopping.is_set()
 
     @property
     def paused(self) -> bool:
@@ -254,20 +270,29 @@ class AudioReceiver(threading.Thread):
         tick = self.options.tick
         try:
             while not self._stopping.wait(tick):
-                try:
-                    self._tick(time.monotonic())
-                except Exception:  # a bug here must not end the session silently
-                    _log.exception("listening session %d: error in the receiver tick", self.session_id)
+                self._safe_tick()
+            # datagrams already in the socket when stop() was called are still read and delivered
+            grace_end = time.monotonic() + self.options.stop_grace
+            while time.monotonic() < grace_end:
+                time.sleep(tick)
+                self._safe_tick()
         finally:
+            self._closed = True
             self._finish()
+
+    def _safe_tick(self) -> None:
+        try:
+            self._tick(time.monotonic())
+        except Exception:  # a bug here must not end the session silently
+            _log.exception("listening session %d: error in the receiver tick", self.session_id)
 
     def _finish(self) -> None:
         vc = self.voice_client
-        with contextlib.suppress(Exception):  # the connection may be gone
-            vc._connection.remove_socket_listener(self.on_datagram)
+        vc._detach(self)
         with self._lock:
             now = time.monotonic()
             self._attribute_unmapped(now, final=True)
+            self._attribute_not_audio()
             for stream in list(self._streams.values()):
                 self._drain_stream(stream, now, final=True)
             self._flush_jobs()
@@ -312,7 +337,7 @@ class AudioReceiver(threading.Thread):
         return self._cipher
 
     def _on_datagram(self, data: bytes, now: float) -> None:
-        if self._stopping.is_set():
+        if self._closed:
             return
         kind = classify(data)
         if kind is PacketKind.RTP:
@@ -336,6 +361,15 @@ class AudioReceiver(threading.Thread):
             return
         user_id = vc._ssrc_to_user.get(header.ssrc)
         if header.ssrc in vc._video_ssrcs or header.payload_type != OPUS_PAYLOAD_TYPE:
+            if user_id is None:
+                user_id = vc._video_owner.get(header.ssrc)
+            if user_id is None:
+                # not announced yet (op 12 can arrive after the first video packets): count it
+                # against the SSRC; _attribute_not_audio moves the count to its user once known
+                with self._lock:
+                    self._not_audio_unmapped[header.ssrc] += 1
+                    self.unattributed["not-audio"] += 1
+                return
             self._drop(user_id, "not-audio", "video, RTX or another payload type", count_packet=True)
             return
         try:
@@ -346,6 +380,8 @@ class AudioReceiver(threading.Thread):
         if self._paused:
             return
         with self._lock:
+            if self._paused:  # paused while this packet was being opened
+                return
             if user_id is None:
                 held = self._unmapped.setdefault(header.ssrc, collections.deque())
                 if len(held) >= self.options.max_held_per_stream:
@@ -554,12 +590,30 @@ class AudioReceiver(threading.Thread):
     def _tick(self, now: float) -> None:
         with self._lock:
             self._attribute_unmapped(now)
+            self._attribute_not_audio()
             for stream in list(self._streams.values()):
                 self._drain_stream(stream, now, final=False)
                 if stream.speaking and now - stream.last_arrival > self.options.speaking_timeout:
                     stream.speaking = False
                     self._dispatch("listening_speaking_stop", stream.user_id)
             self._flush_jobs()
+
+    def _attribute_not_audio(self) -> None:
+        """Move drops counted against a not-yet-announced (video) SSRC to its user (lock held)."""
+        if not self._not_audio_unmapped:
+            return
+        vc = self.voice_client
+        for ssrc, count in list(self._not_audio_unmapped.items()):
+            user_id = vc._ssrc_to_user.get(ssrc) or vc._video_owner.get(ssrc)
+            if user_id is None:
+                continue
+            del self._not_audio_unmapped[ssrc]
+            self.unattributed["not-audio"] -= count
+            if not self.unattributed["not-audio"]:
+                del self.unattributed["not-audio"]
+            stats = self.stats[user_id]
+            stats.packets += count
+            stats.dropped["not-audio"] += count
 
     def _attribute_unmapped(self, now: float, *, final: bool = False) -> None:
         if not self._unmapped:
@@ -684,6 +738,8 @@ class AudioReceiver(threading.Thread):
         _log.error(
             "listening session %d: the sink %r failed and was stopped: %r", self.session_id, self.sink, exc
         )
+        # Nothing more can reach a failed sink: end the session now, so after() hears of it.
+        self.stop()
 
     def _call_after(self) -> None:
         after, error = self.after, self.error

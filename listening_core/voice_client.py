@@ -17,6 +17,7 @@ video (op 12), and dispatches ``on_listening_member_connect(member, vc)`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import struct
@@ -48,8 +49,11 @@ class VoiceClient(discord.VoiceClient):
     def __init__(self, client: discord.Client, channel: discord.abc.Connectable) -> None:
         self._ssrc_to_user: dict[int, int] = {}
         self._video_ssrcs: set[int] = set()
+        self._video_owner: dict[int, int] = {}  # video/RTX SSRC -> the user who announced it (op 12)
         self._receiver: AudioReceiver | None = None
         self._last_receiver: AudioReceiver | None = None
+        self._attached: tuple[AudioReceiver, ...] = ()  # sessions still reading datagrams
+        self._reading = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._aes: tuple[bytes, Any] | None = None
         super().__init__(client, channel)
@@ -78,11 +82,11 @@ class VoiceClient(discord.VoiceClient):
                     self._map_ssrc(audio, user_id)
                 for key in ("video_ssrc", "rtx_ssrc"):
                     if data.get(key):
-                        self._video_ssrcs.add(int(data[key]))
+                        self._add_video_ssrc(int(data[key]), user_id)
                 for stream in data.get("streams") or []:
                     for key in ("ssrc", "rtx_ssrc"):
                         if stream.get(key):
-                            self._video_ssrcs.add(int(stream[key]))
+                            self._add_video_ssrc(int(stream[key]), user_id)
             elif op == 13:  # CLIENT_DISCONNECT
                 user_id = int(data["user_id"])
                 self.client.dispatch(
@@ -90,6 +94,11 @@ class VoiceClient(discord.VoiceClient):
                 )
         except (KeyError, TypeError, ValueError):
             _log.debug("ignoring a voice websocket message we could not read: %s", msg)
+
+    def _add_video_ssrc(self, ssrc: int, user_id: int) -> None:
+        self._video_ssrcs.add(ssrc)
+        if user_id:
+            self._video_owner[ssrc] = user_id
 
     def _map_ssrc(self, ssrc: int, user_id: int) -> None:
         if ssrc and self._ssrc_to_user.get(ssrc) != user_id:
@@ -102,6 +111,24 @@ class VoiceClient(discord.VoiceClient):
 
     def _user(self, user_id: int) -> discord.abc.Snowflake:
         return self.client.get_user(user_id) or discord.Object(user_id)
+
+    # -- datagrams ----------------------------------------------------------------------------------
+
+    def _attach(self, receiver: AudioReceiver) -> None:
+        """Start handing datagrams to ``receiver`` (it reads until it calls :meth:`_detach`)."""
+        self._attached = (*self._attached, receiver)
+        if not self._reading:
+            # One listener for the connection's lifetime: discord.py's reader pauses when it has
+            # none, and datagrams queued in the socket meanwhile would reach the next session.
+            self._connection.add_socket_listener(self._on_datagram)
+            self._reading = True
+
+    def _detach(self, receiver: AudioReceiver) -> None:
+        self._attached = tuple(r for r in self._attached if r is not receiver)
+
+    def _on_datagram(self, data: bytes) -> None:
+        for receiver in self._attached:  # between sessions: none, the datagram is dropped
+            receiver.on_datagram(data)
 
     # -- AES-GCM playback (discord.py 2.7 only sends XChaCha) -------------------------------------
 
@@ -138,7 +165,7 @@ class VoiceClient(discord.VoiceClient):
             raise ListeningStateError(
                 "connect to a voice channel before listening: await channel.connect(cls=VoiceClient)"
             )
-        if self._receiver is not None:
+        if self._current() is not None:
             raise ListeningStateError("already listening; call stop_listening() first")
         from .plugins import default_registry
 
@@ -182,19 +209,29 @@ class VoiceClient(discord.VoiceClient):
 
     def pause_listening(self) -> None:
         """Discard received audio until :meth:`resume_listening` (the timeline keeps running)."""
-        if self._receiver is None:
+        receiver = self._current()
+        if receiver is None:
             raise ListeningStateError("not listening")
-        self._receiver.pause()
+        receiver.pause()
 
     def resume_listening(self) -> None:
         """Receive again after :meth:`pause_listening`."""
-        if self._receiver is None:
+        receiver = self._current()
+        if receiver is None:
             raise ListeningStateError("not listening")
-        self._receiver.resume()
+        receiver.resume()
 
     def is_listening(self) -> bool:
-        """Whether a listening session is running (paused or not)."""
-        return self._receiver is not None
+        """Whether a listening session is running (paused or not); False once its sink failed."""
+        return self._current() is not None
+
+    def _current(self) -> AudioReceiver | None:
+        """The running session, forgetting one that ended by itself (its sink failed)."""
+        receiver = self._receiver
+        if receiver is not None and receiver.stopping:
+            self._receiver, self._last_receiver = None, receiver
+            return None
+        return receiver
 
     def is_listening_paused(self) -> bool:
         """Whether the listening session is paused."""
@@ -202,9 +239,17 @@ class VoiceClient(discord.VoiceClient):
 
     async def wait_for_listen_ready(self, timeout: float | None = 30.0) -> None:
         """Wait until a new ``listen`` can start: the previous session finished cleaning up."""
-        receiver = self._last_receiver
-        if receiver is not None:
-            await asyncio.wait_for(asyncio.to_thread(receiver.finished.wait), timeout)
+        receiver = (
+            self._receiver if self._receiver is not None and self._receiver.stopping else self._last_receiver
+        )
+        if receiver is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not receiver.finished.is_set():  # polled: a thread blocked in wait() could outlive the loop
+            if deadline is not None and loop.time() > deadline:
+                raise TimeoutError(f"the previous listening session did not finish within {timeout} s")
+            await asyncio.sleep(0.01)
 
     def listening_stats(self) -> dict[int, UserStats]:
         """Per-user statistics of the current (or last) listening session, by user id."""
@@ -215,6 +260,6 @@ class VoiceClient(discord.VoiceClient):
         """Stop listening (the sink is finished and ``after`` called), then disconnect."""
         self.stop_listening()
         await super().disconnect(force=force)
-        receiver = self._last_receiver
-        if receiver is not None:
-            await asyncio.to_thread(receiver.finished.wait, 15.0)
+        self._reading = False  # discord.py dropped its socket listeners
+        with contextlib.suppress(TimeoutError):
+            await self.wait_for_listen_ready(timeout=15.0)
