@@ -39,8 +39,8 @@ from .jitter import FrameKind as JitterKind
 from .jitter import JitterBuffer, Playout
 from .opus import packet_has_fec
 from .pool import AudioProcessPool, WorkerDied
-from .rtp import OPUS_PAYLOAD_TYPE, PacketKind, RtcpHeader, RtpHeader, classify, seq_add, seq_diff
-from .sinks import FRAME_SAMPLES, AudioFrame, AudioSink, FrameKind, RtcpPacket, SessionInfo
+from .rtp import OPUS_PAYLOAD_TYPE, PacketKind, RtcpHeader, RtpHeader, classify, seq_add, seq_diff, ts_diff
+from .sinks import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, AudioSink, FrameKind, RtcpPacket, SessionInfo
 from .timeline import SessionClock, StreamTimeline
 from .unpacker import CONCEALED, DECODE, FAILED, FEC, PLC, DecodeAnswer, DecodeJob
 
@@ -106,6 +106,10 @@ class UserStats:
         data = {k: v for k, v in self.__dict__.items() if k != "dropped"}
         data["dropped"] = dict(self.dropped)
         return data
+
+
+#: At most this many SSRCs no user was announced for are tracked at once (a flood is dropped).
+_MAX_UNMAPPED = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +371,11 @@ class AudioReceiver(threading.Thread):
                 # not announced yet (op 12 can arrive after the first video packets): count it
                 # against the SSRC; _attribute_not_audio moves the count to its user once known
                 with self._lock:
-                    self._not_audio_unmapped[header.ssrc] += 1
+                    if (
+                        header.ssrc in self._not_audio_unmapped
+                        or len(self._not_audio_unmapped) < _MAX_UNMAPPED
+                    ):
+                        self._not_audio_unmapped[header.ssrc] += 1
                     self.unattributed["not-audio"] += 1
                 return
             self._drop(user_id, "not-audio", "video, RTX or another payload type", count_packet=True)
@@ -383,7 +391,16 @@ class AudioReceiver(threading.Thread):
             if self._paused:  # paused while this packet was being opened
                 return
             if user_id is None:
-                held = self._unmapped.setdefault(header.ssrc, collections.deque())
+                held = self._unmapped.get(header.ssrc)
+                if held is None:
+                    if len(self._unmapped) >= _MAX_UNMAPPED:
+                        # a flood of SSRCs nobody announced: hold a bounded number, drop the rest
+                        self.unattributed["unknown-ssrc"] += 1
+                        self._warn_once(
+                            None, "unmapped-flood", "too many unannounced SSRCs; dropping their packets"
+                        )
+                        return
+                    held = self._unmapped[header.ssrc] = collections.deque()
                 if len(held) >= self.options.max_held_per_stream:
                     held.popleft()
                     self.unattributed["unknown-ssrc"] += 1
@@ -397,13 +414,18 @@ class AudioReceiver(threading.Thread):
         stats.packets += 1
         stats.decrypted += 1
         stream = self._stream(header.ssrc, user_id, now)
+        if stream.start_buffer is None and now - stream.last_arrival > self.options.spurt_gap:
+            # A talk spurt starts: its place on the timeline is decided from its first packets
+            # together (see _start), not from the first alone, which a delay spike can make late.
+            stream.start_buffer = []
+            stream.start_until = now + self.options.jitter_delay
         stream.last_arrival = now
         if not stream.speaking:
             stream.speaking = True
             self._dispatch("listening_speaking_start", user_id)
         if stream.start_buffer is not None:
-            # A new stream: its first packets may arrive out of order, and DAVE refuses any frame
-            # older than the first one it opens, so they are put in order before anything else.
+            # A new stream or spurt: its first packets may arrive out of order, and DAVE refuses
+            # any frame older than the first one it opens, so they are put in order first.
             stream.start_buffer.append((header.sequence, header.timestamp, payload, now))
             return
         self._jitter(stream, stream.jitter.push(header.sequence, header.timestamp, payload, now), now)
@@ -428,7 +450,14 @@ class AudioReceiver(threading.Thread):
         if not buffered:
             return
         first = buffered[0][0]
-        for seq, ts, payload, arrival in sorted(buffered, key=lambda p: seq_diff(p[0], first)):
+        buffered.sort(key=lambda p: seq_diff(p[0], first))
+        # The spurt's first packet was sent no later than any of its successors' arrival minus
+        # their distance in RTP time: the earliest such bound is the best estimate of when it
+        # arrived without the delay spikes of a congested network or a starved reader thread.
+        seq0, ts0, payload0, arrival0 = buffered[0]
+        estimate = min(arrival - ts_diff(ts, ts0) / SAMPLE_RATE for _, ts, _, arrival in buffered)
+        buffered[0] = (seq0, ts0, payload0, min(arrival0, estimate))
+        for seq, ts, payload, arrival in buffered:
             self._jitter(stream, stream.jitter.push(seq, ts, payload, arrival), now)
 
     def _jitter(self, stream: _Stream, out: list[Playout], now: float) -> None:
