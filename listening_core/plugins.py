@@ -922,7 +922,11 @@ class SinkRegistry:
             if known:
                 install = KNOWN_DISTRIBUTIONS[known[0]]
                 lines.append(f"the {known[0]!r} sink comes with {install}: pip install {install}")
-            elif SINK_NAME_RE.fullmatch(key):
+            elif (
+                SINK_NAME_RE.fullmatch(key)
+                and key not in installed_names  # only the spelling was off ("Wav"): nothing to install
+                and f"listening-sink-{key}" not in {spec.distribution for spec in installed}
+            ):
                 install = f"listening-sink-{key}"
                 lines.append(f"if {key!r} comes from a plugin, install it: pip install {install}")
         others = [ep for ep in self._failures if ep not in likely[:1]]
