@@ -301,6 +301,28 @@ def _update_header(sf_file: object) -> None:
         pass
 
 
+_SFE_SYSTEM = 2  # libsndfile's "System error": the operating system refused (disk full, EFBIG...)
+
+
+def _error_text(exc: BaseException, sf_file: Any = None) -> str:
+    """``exc`` as text, with libsndfile's own account of a system error ("No space left on device").
+
+    soundfile reports a failing write or open as "System error." only; libsndfile keeps the
+    operating system's message (for ``sf_file``, or from the last failed open).
+    """
+    text = f"{type(exc).__name__}: {exc}"
+    if getattr(exc, "code", None) != _SFE_SYSTEM:
+        return text
+    try:
+        import soundfile
+
+        handle = sf_file._file if sf_file is not None else soundfile._ffi.NULL
+        detail = soundfile._ffi.string(soundfile._snd.sf_strerror(handle)).decode(errors="replace")
+    except Exception:  # a soundfile without these internals: the short message it is
+        return text
+    return f"{text} ({detail})" if detail and detail != "No Error." and detail not in text else text
+
+
 # --------------------------------------------------------------------------------------- AudioFile
 
 
@@ -309,8 +331,10 @@ class AudioFile:
 
     Frames are written at their session position; the stretch between the end of the file and a
     frame's position is filled with silence, so the file always starts at session sample 0.
-    :meth:`pad_to` extends it with silence to the session's end. Memory does not grow with the
-    session: nothing is kept but the open file (and, when resampling, the filter's history).
+    :meth:`pad_to` extends it with silence to the session's end. A sink that makes its own audio
+    (a mix, an utterance) appends it with :meth:`write_samples` instead. Memory does not grow
+    with the session: nothing is kept but the open file (and, when resampling, the filter's
+    history).
 
     ``channels`` is 2 (as received) or 1 (left and right averaged). ``sample_rate`` is the file's
     rate: 48000 writes the received samples unchanged; any other rate goes through the streaming
@@ -374,7 +398,7 @@ class AudioFile:
         except Exception as exc:
             self.error = exc
             self.done = True
-            raise SinkError(f"cannot create {self.path}: {exc}") from exc
+            raise SinkError(f"cannot create {self.path}: {_error_text(exc)}") from exc
 
     @property
     def duration(self) -> float:
@@ -396,6 +420,28 @@ class AudioFile:
             elif gap > 0:
                 self._write_silence(gap)
             self._write_pcm(pcm)
+
+    def write_samples(self, samples: Any) -> None:
+        """Append 48 kHz int16 samples at the end of the file; :attr:`position` advances by their count.
+
+        ``samples`` is shaped ``(n, 2)`` (stereo, as received) or ``(n,)`` / ``(n, 1)`` (mono): it
+        goes to the file's channels (stereo averaged to mono, mono doubled to stereo) and rate
+        like a frame's PCM does. For sinks that write audio they made themselves (a mix, an
+        utterance) rather than one user's frames at their session positions.
+        """
+        import numpy as np
+
+        data = np.asarray(samples)
+        if data.ndim == 1:
+            data = data.reshape(-1, 1)
+        if data.ndim != 2 or data.shape[1] not in (1, 2) or data.dtype != np.int16:
+            raise ValueError(
+                f"expected int16 samples shaped (n,), (n, 1) or (n, 2), got {data.dtype} {data.shape}"
+            )
+        with self._lock:
+            self._check_open()
+            if len(data):
+                self._write_block(data)
 
     def pad_to(self, samples: int) -> None:
         """Extend the file with silence up to session sample ``samples`` (no-op if it is that long)."""
@@ -424,18 +470,20 @@ class AudioFile:
         self._write_block(np.frombuffer(pcm, dtype="<i2").reshape(-1, CHANNELS))
 
     def _write_block(self, data: Any) -> None:
-        """Write 48 kHz stereo int16 samples (shape ``(n, 2)``), converted to the file's layout."""
+        """Write 48 kHz int16 samples (shape ``(n, 2)`` or ``(n, 1)``), converted to the file's layout."""
         import numpy as np
 
         count = data.shape[0]
         if self._resampler is None:
-            if self.channels == 1:
+            if data.shape[1] > self.channels:
                 data = ((data[:, 0].astype(np.int32) + data[:, 1]) // 2).astype(np.int16).reshape(-1, 1)
-            out = data
+            out = data if data.shape[1] == self.channels else np.repeat(data, self.channels, axis=1)
         else:
             x = data.astype(np.float64)
-            if self.channels == 1:
+            if x.shape[1] > self.channels:
                 x = x.mean(axis=1, keepdims=True)
+            elif x.shape[1] < self.channels:
+                x = np.repeat(x, self.channels, axis=1)
             out = _to_int16(self._resampler.process(x))
         self._file_write(out)
         self.position += count
@@ -456,11 +504,10 @@ class AudioFile:
     def _fail(self, exc: BaseException, doing: str) -> None:
         self.error = exc
         self.done = True
+        text = _error_text(exc, self._file)
         with contextlib.suppress(Exception):
             self._file.close()
-        raise SinkError(
-            f"{doing} {self.path} failed after {self.duration:.2f} s of audio: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise SinkError(f"{doing} {self.path} failed after {self.duration:.2f} s of audio: {text}") from exc
 
     def _flush(self) -> None:
         self._since_flush = 0

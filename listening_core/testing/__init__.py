@@ -5,6 +5,8 @@ DAVE-encrypted audio through it, offline.
 the aiohttp connector that wires a ``discord.Client`` to it; ``discord_.add_bot()`` makes an
 account to log in with; ``await discord_.add_member(...)`` adds a virtual member who speaks audio
 into a voice channel. With pytest, the ``local_discord`` fixture hands you a started instance.
+``await record(discord_, sink, schedules=...)`` (:mod:`listening_core.testing.recording`) runs a
+whole listening session for a sink's end-to-end test.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ __all__ = [
     "FaultConfig",
     "FaultInjector",
     "LocalDiscord",
+    "Recording",
     "Schedule",
     "VirtualMember",
     "close_client",
     "connect_client",
     "join_voice",
+    "record",
 ]
 
 if TYPE_CHECKING:
@@ -27,17 +31,20 @@ if TYPE_CHECKING:
     from .faults import FaultConfig, FaultInjector
     from .media import Schedule
     from .members import VirtualMember
+    from .recording import Recording, record
     from .server import LocalDiscord
 
 _LAZY = {
     "FaultConfig": ".faults",
     "FaultInjector": ".faults",
     "LocalDiscord": ".server",
+    "Recording": ".recording",
     "Schedule": ".media",
     "VirtualMember": ".members",
     "close_client": ".clients",
     "connect_client": ".clients",
     "join_voice": ".clients",
+    "record": ".recording",
 }
 
 

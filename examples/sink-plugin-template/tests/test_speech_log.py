@@ -14,7 +14,7 @@ from listening_sink_speech_log import SpeechLogOptions, SpeechLogSink
 
 from listening_core import AudioFrame, FrameKind
 from listening_core.plugins import OptionsError, default_registry, describe
-from listening_core.testing import LocalDiscord, Schedule, close_client, join_voice
+from listening_core.testing import LocalDiscord, Schedule, record
 
 SILENCE = b"\xf8\xff\xfe"
 
@@ -60,42 +60,32 @@ def test_spurts_end_at_silence_frames_and_gaps(tmp_path: Path) -> None:
 
 
 async def test_spurts_match_the_schedule(local_discord: LocalDiscord, tmp_path: Path) -> None:
-    alice, bob = local_discord.add_member("alice"), local_discord.add_member("bob")
-    await alice.join()
-    await bob.join()
-    client, vc = await join_voice(local_discord)  # a bot with listening_core.VoiceClient, DAVE ready
-    try:
-        done = asyncio.Event()
-        sink = vc.listen(
-            "speech-log",  # by name: the installed plugin
-            options={"path": str(tmp_path / "log.jsonl")},
-            after=lambda sink, error: done.set(),
-        )
-        loop = asyncio.get_running_loop()
-        begin = loop.time() + 0.3
-        schedules = {  # talk spurts with pauses between them
-            alice: Schedule.from_clips([("alice", 0.0), ("dave", 4.0)]),
-            bob: Schedule.from_clips([("bob", 1.0), ("carol", 5.0), ("alice", 8.0)]),
-        }
-        await asyncio.gather(
-            *(member.speak(schedule, start_at=begin) for member, schedule in schedules.items())
-        )
-        await asyncio.sleep(0.3)
-        vc.stop_listening()
-        await asyncio.wait_for(done.wait(), 20)
-
-        assert isinstance(sink, SpeechLogSink) and sink.session is not None
-        # the session time of `begin`: loop time -> wall clock -> seconds since listen() started
-        origin = begin - loop.time() + time.time() - sink.session.started_at
-        lines = _lines(tmp_path / "log.jsonl")
-        for member, schedule in schedules.items():
-            mine = [line for line in lines if line["user_id"] == member.user_id]
-            assert [line["user"] for line in mine] == [member.user.name] * len(schedule.spurts)
-            for line, spurt in zip(mine, schedule.spurts, strict=True):
-                start = origin + spurt.first_slot * 0.02
-                end = start + spurt.frame_count * 0.02  # the first silence frame
-                assert abs(line["start"] - start) <= 0.04, (line, start)
-                assert abs(line["end"] - end) <= 0.04, (line, end)
-                assert line["frames"] == spurt.frame_count and line["lost"] == 0
-    finally:
-        await close_client(client)
+    # members join, a bot with listening_core.VoiceClient joins (DAVE ready) and listens; the
+    # members speak from 0.3 s after listen() started; then listening stops and the bot leaves
+    rec = await record(
+        local_discord,
+        "speech-log",  # by name: the installed plugin
+        options={"path": str(tmp_path / "log.jsonl")},
+        schedules={  # talk spurts with pauses between them
+            "alice": Schedule.from_clips([("alice", 0.0), ("dave", 4.0)]),
+            "bob": Schedule.from_clips([("bob", 1.0), ("carol", 5.0), ("alice", 8.0)]),
+        },
+        settle=0.0,
+        lead=0.3,
+        timeout=20,
+    )
+    sink, loop = rec.sink, asyncio.get_running_loop()
+    assert isinstance(sink, SpeechLogSink) and sink.session is not None
+    # the session time of the schedules' start: loop time -> wall clock -> seconds since listen() started
+    origin = rec.speak_at - loop.time() + time.time() - sink.session.started_at
+    lines = _lines(tmp_path / "log.jsonl")
+    for name, schedule in rec.schedules.items():
+        member = rec.members[name]
+        mine = [line for line in lines if line["user_id"] == member.user_id]
+        assert [line["user"] for line in mine] == [member.user.name] * len(schedule.spurts)
+        for line, spurt in zip(mine, schedule.spurts, strict=True):
+            start = origin + spurt.first_slot * 0.02
+            end = start + spurt.frame_count * 0.02  # the first silence frame
+            assert abs(line["start"] - start) <= 0.04, (line, start)
+            assert abs(line["end"] - end) <= 0.04, (line, end)
+            assert line["frames"] == spurt.frame_count and line["lost"] == 0

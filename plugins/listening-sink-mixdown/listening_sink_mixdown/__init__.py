@@ -11,17 +11,19 @@ reach the sink late (a user whose DAVE key arrived late is delivered up to ~2 s 
 others), so the window trails the latest frame by the horizon; a frame older than that is
 mixed only from the window's start on, and counted in :attr:`MixdownSink.late` and logged.
 
-The file starts at session sample 0 and ends at the session's end. Crash safety: the WAV header
-is rewritten every time a block is written (about every ``flush_interval`` seconds of audio), so
-after a crash the file is a valid WAV up to there; what was lost is at most the horizon plus one
-block before the last frame. :func:`repair_wav` recovers any audio the OS wrote after the last
-header update.
+The file starts at session sample 0 and ends at the session's end; it is written through the
+core's :class:`~listening_core.sinks.AudioFile` (soundfile). Crash safety: the file is flushed
+(WAV header brought up to date, then fsync) every time a block is written (about every
+``flush_interval`` seconds of audio), so after a crash the file is a valid WAV up to there; what
+was lost is at most the horizon plus one block before the last frame. :func:`recover` fixes the
+header of a file left by a killed process from its length.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 import pathlib
 import threading
 from collections import Counter
@@ -31,11 +33,17 @@ from pathlib import Path
 import numpy as np
 
 from listening_core.hookspecs import SinkSpec, hookimpl
-from listening_core.sinks import AudioFrame, AudioHandlingSink, SessionInfo, SinkError, safe_filename
+from listening_core.sinks import (
+    AudioFile,
+    AudioFrame,
+    AudioHandlingSink,
+    SessionInfo,
+    SinkError,
+    recover_file,
+    safe_filename,
+)
 
-from ._wav import WavWriter, repair_wav
-
-__all__ = ["MixdownOptions", "MixdownSink", "listening_sinks", "repair_wav"]
+__all__ = ["MixdownOptions", "MixdownSink", "listening_sinks", "recover"]
 __version__ = "0.1.0.dev0"
 
 _log = logging.getLogger(__name__)
@@ -100,7 +108,7 @@ class MixdownSink(AudioHandlingSink):
         self._base = 0  # session sample of _buf[0]: everything before it is in the file
         self._latest = 0  # end of the latest frame mixed
         self._end = 0  # the session's end, once known
-        self._writer: WavWriter | None = None
+        self._writer: AudioFile | None = None
         self._session: SessionInfo | None = None
         self._failed: BaseException | None = None
         self._lock = threading.Lock()
@@ -124,7 +132,7 @@ class MixdownSink(AudioHandlingSink):
         self._session = session
         self._open()
 
-    def _open(self) -> WavWriter:
+    def _open(self) -> AudioFile:
         if self._writer is None:
             opts = self.options
             session = self._session
@@ -143,10 +151,16 @@ class MixdownSink(AudioHandlingSink):
             directory.mkdir(parents=True, exist_ok=True)
             self.path = directory / name
             try:
-                self._writer = WavWriter(self.path, channels=self.channels, sample_rate=SAMPLE_RATE)
-            except OSError as exc:
+                # flushed at every block written: a block is flush_interval s of audio or more
+                self._writer = AudioFile(
+                    self.path,
+                    channels=self.channels,
+                    sample_rate=SAMPLE_RATE,
+                    flush_interval=self.block / SAMPLE_RATE,
+                )
+            except SinkError as exc:
                 self._failed = exc
-                raise SinkError(f"mixdown: cannot create {self.path}: {exc}") from exc
+                raise SinkError(f"mixdown: {exc}") from exc
         return self._writer
 
     def on_valid_audio(self, frame: AudioFrame) -> None:
@@ -190,22 +204,18 @@ class MixdownSink(AudioHandlingSink):
             n = min(target - self._base, self.capacity)
             chunk = self._buf[:n]
             mixed = np.clip(chunk, -32768, 32767)
-            if self.channels == 1:
+            if self.channels == 1:  # (left + right) / 2 of the sums, saturated once
                 mixed = np.clip((chunk[:, 0].astype(np.int64) + chunk[:, 1]) // 2, -32768, 32767)
-            out = mixed.astype("<i2").tobytes()
+            out = mixed.astype(np.int16)
             # Shift the window before writing: a failing write must not leave it half moved.
             self._buf[: self.capacity - n] = self._buf[n:]
             self._buf[self.capacity - n :] = 0
             self._base += n
             try:
-                writer.write(out)
-                writer.flush()
-            except OSError as exc:
+                writer.write_samples(out)
+            except SinkError as exc:
                 self._failed = exc
-                raise SinkError(
-                    f"mixdown: writing {self.path} failed after {writer.frames / SAMPLE_RATE:.2f} s "
-                    f"of audio: {exc}"
-                ) from exc
+                raise SinkError(f"mixdown: {exc}") from exc
 
     def on_stop(self, end: int) -> None:
         with self._lock:
@@ -226,8 +236,8 @@ class MixdownSink(AudioHandlingSink):
             finally:
                 if writer is not None:
                     try:
-                        writer.close()
-                    except OSError as exc:
+                        writer.cleanup()
+                    except SinkError as exc:
                         if self._failed is None:
                             self._failed = exc
                             raise SinkError(f"mixdown: closing {self.path} failed: {exc}") from exc
@@ -241,6 +251,11 @@ class MixdownSink(AudioHandlingSink):
 
     def __repr__(self) -> str:
         return f"<MixdownSink {self.path} written={self._base} buffered={self.buffered}>"
+
+
+def recover(path: str | os.PathLike[str]) -> int:
+    """Fix the header of a mixdown WAV left by a killed process from its length; returns its samples."""
+    return recover_file(path)
 
 
 @hookimpl

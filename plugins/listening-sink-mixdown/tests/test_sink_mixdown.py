@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import subprocess
 import sys
@@ -15,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from listening_sink_mixdown import MixdownOptions, MixdownSink, repair_wav
+from listening_sink_mixdown import MixdownOptions, MixdownSink, recover
 
 from listening_core import AudioFrame, FrameKind
 from listening_core.plugins import OptionsError, default_registry
 from listening_core.sinks import SessionInfo, SinkError
-from listening_core.testing import LocalDiscord, Schedule, close_client, join_voice
+from listening_core.testing import LocalDiscord, Schedule, record
 from listening_core.testing.media import reference_decode
 
 RATE = 48_000
@@ -143,10 +142,12 @@ def test_memory_stays_bounded_over_a_long_session(tmp_path: Path) -> None:
     pcm = (np.sin(np.arange(FRAME) / 7.0)[:, None] * np.array([[8000, -8000]])).astype(np.int16)
     tracemalloc.start()
     try:
-        base_mem = tracemalloc.get_traced_memory()[0]
+        base_mem = 0
         peak_buffered = 0
         seq = 0
         for minute in range(120):
+            if minute == 10:  # measure from a warmed-up state: interpreter tables settle by then
+                base_mem = tracemalloc.get_traced_memory()[0]
             start = minute * 60 * RATE + (minute % 7) * 1000
             for k in range(250):  # 5 s of speech per minute for each of two users
                 for user, offset in ((1, 0), (2, 3 * FRAME + 17)):
@@ -161,7 +162,8 @@ def test_memory_stays_bounded_over_a_long_session(tmp_path: Path) -> None:
     sink.cleanup()
     assert peak_buffered <= sink.capacity < 7 * RATE
     assert sink.written == end
-    assert grown < 1_000_000, f"memory grew by {grown} bytes"
+    # Keeping the frames would grow by ~2 MB a minute here (110 minutes measured): 5 MB is flat.
+    assert grown < 5_000_000, f"memory grew by {grown} bytes from minute 10 to minute 120"
     assert sf.info(str(tmp_path / "long.wav")).frames == end
 
 
@@ -175,7 +177,7 @@ def test_file_is_readable_while_recording_and_repairable(tmp_path: Path) -> None
     # as a crash would leave it: a valid WAV up to the last write, at most horizon + 1 s behind
     on_disk = sf.info(str(path)).frames
     assert on_disk == sink.written and on_disk >= 500 * FRAME - 2 * RATE - FRAME
-    assert repair_wav(path) == on_disk
+    assert recover(path) == on_disk
     sink.on_stop(500 * FRAME)
     sink.cleanup()
     assert sf.info(str(path)).frames == 500 * FRAME
@@ -250,33 +252,19 @@ def _reference_frames(member: Any) -> list[np.ndarray]:
     return [pcm[i : i + FRAME] for i in range(0, len(pcm), FRAME)]
 
 
-async def _listen(vc: Any, sink: Any, **kwargs: Any) -> list[tuple[Any, Any]]:
-    done: list[tuple[Any, Any]] = []
-    vc.listen(sink, after=lambda s, e: done.append((s, e)), **kwargs)
-    return done
-
-
 async def test_two_members_at_once_equal_the_clipped_sum(local_discord: LocalDiscord, tmp_path: Path) -> None:
-    alice, bob = local_discord.add_member("alice"), local_discord.add_member("bob")
-    for member in (alice, bob):
-        await member.join()
-    client, vc = await join_voice(local_discord)
-    try:
-        await asyncio.sleep(0.3)
-        sink = PositionsMixdown(MixdownOptions(directory=tmp_path, filename="{channel_id}/../both"))
-        done = await _listen(vc, sink)
-        loop = asyncio.get_running_loop()
-        start = loop.time() + 0.3
-        await asyncio.gather(
-            alice.speak(Schedule.from_clips([("alice", 0.0), ("carol", 3.2)]), start_at=start),
-            bob.speak(Schedule.from_clips([("bob", 0.5), ("dave", 3.4)]), start_at=start),
-        )
-        await asyncio.sleep(0.3)
-        vc.stop_listening()
-        await vc.wait_for_listen_ready()
-        assert done == [(sink, None)]
-    finally:
-        await close_client(client)
+    sink = PositionsMixdown(MixdownOptions(directory=tmp_path, filename="{channel_id}/../both"))
+    rec = await record(
+        local_discord,
+        sink,
+        schedules={
+            "alice": Schedule.from_clips([("alice", 0.0), ("carol", 3.2)]),
+            "bob": Schedule.from_clips([("bob", 0.5), ("dave", 3.4)]),
+        },
+        lead=0.3,
+    )
+    alice, bob, done = rec.members["alice"], rec.members["bob"], rec.calls
+    assert done == [(sink, None)]
 
     assert sink.path is not None and sink.path.parent == tmp_path  # the template could not escape
     got = _read(sink.path)
@@ -295,26 +283,20 @@ async def test_two_members_at_once_equal_the_clipped_sum(local_discord: LocalDis
 
 
 async def test_member_joining_late_lands_in_place(local_discord: LocalDiscord, tmp_path: Path) -> None:
-    alice, bob = local_discord.add_member("alice"), local_discord.add_member("bob")
-    await alice.join()
-    client, vc = await join_voice(local_discord)
-    try:
-        await asyncio.sleep(0.3)
-        loop = asyncio.get_running_loop()
-        done = await _listen(vc, "mixdown", options={"directory": str(tmp_path), "filename": "late"})
-        t0 = loop.time()  # session sample 0 is taken inside listen(), just before it returns
-        alice.speak(Schedule.from_clips([("carol", 0.0)]), start_at=t0 + 0.1)
-        await asyncio.sleep(t0 + 2.0 - loop.time())
-        await bob.join()  # 2 s into the session
-        speak_at = max(loop.time() + 0.05, t0 + 2.9)  # after alice's clip and its silence tail
-        await bob.speak(Schedule.from_clips([("bob", 0.0)]), start_at=speak_at)
-        await asyncio.sleep(0.5)
-        vc.stop_listening()
-        await vc.wait_for_listen_ready()
-        assert len(done) == 1 and done[0][1] is None
-        path = done[0][0].path
-    finally:
-        await close_client(client)
+    rec = await record(
+        local_discord,
+        "mixdown",
+        options={"directory": str(tmp_path), "filename": "late"},
+        schedules={"alice": Schedule.from_clips([("carol", 0.0)])},
+        # bob joins 2 s into the session and speaks after alice's clip and its silence tail
+        late={"bob": (1.9, Schedule.from_clips([("bob", 0.9)]))},
+        lead=0.1,
+        tail=0.5,
+    )
+    bob, done = rec.members["bob"], rec.calls
+    t0 = rec.start  # session sample 0 is taken inside listen(), just before it returns
+    assert len(done) == 1 and done[0][1] is None
+    path = done[0][0].path
 
     got = _read(path)
     bob_ref = np.concatenate(_reference_frames(bob))
@@ -335,18 +317,18 @@ async def test_member_joining_late_lands_in_place(local_discord: LocalDiscord, t
 async def test_disk_full_reaches_after_and_the_log(
     local_discord: LocalDiscord, tmp_path: Path, caplog: Any
 ) -> None:
-    alice = local_discord.add_member("alice")
-    await alice.join()
     (tmp_path / "full.wav").symlink_to("/dev/full")
-    client, vc = await join_voice(local_discord)
-    try:
-        with caplog.at_level(logging.ERROR):
-            done = await _listen(vc, "mixdown", options={"directory": str(tmp_path), "filename": "full"})
-            await alice.speak(Schedule.from_clips([("carol", 0.0)]))
-            vc.stop_listening()
-            await vc.wait_for_listen_ready()
-    finally:
-        await close_client(client)
+    with caplog.at_level(logging.ERROR):
+        rec = await record(
+            local_discord,
+            "mixdown",
+            options={"directory": str(tmp_path), "filename": "full"},
+            schedules={"alice": Schedule.from_clips([("carol", 0.0)])},
+            settle=0.0,
+            lead=0.0,
+            tail=0.0,
+        )
+    done = rec.calls
     assert len(done) == 1
     error = done[0][1]
     assert isinstance(error, SinkError) and "No space left" in str(error)

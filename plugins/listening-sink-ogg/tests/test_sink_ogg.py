@@ -28,7 +28,7 @@ from listening_sink_ogg import (
 from listening_core import AudioFrame, FrameKind
 from listening_core.plugins import OptionsError, default_registry, describe
 from listening_core.sinks import SessionInfo, SinkError
-from listening_core.testing import LocalDiscord, Schedule, close_client, join_voice
+from listening_core.testing import LocalDiscord, Schedule, record
 from listening_core.testing.media import SILENCE_FRAME, OpusEncoder, load_pcm, reference_decode
 
 FRAME = 960
@@ -250,91 +250,75 @@ def _wall(loop_time: float) -> float:
 async def test_recording_is_byte_exact_and_placed_on_the_timeline(
     local_discord: LocalDiscord, tmp_path: Path
 ) -> None:
-    members = [local_discord.add_member(name) for name in ("alice", "bob")]
-    for member in members:
-        await member.join()
-    client, vc = await join_voice(local_discord)
-    try:
-        finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        sink = vc.listen(
-            "ogg-opus",
-            options={"directory": str(tmp_path)},
-            after=lambda s, e: finished.get_loop().call_soon_threadsafe(finished.set_result, e),
-        )
-        assert isinstance(sink, OggOpusSink)
-        await asyncio.sleep(0.3)
-        begin = asyncio.get_running_loop().time() + 0.2
-        schedules = {
-            members[0]: Schedule.from_clips([("alice", 0.0), ("carol", 4.2)]),
-            members[1]: Schedule.from_clips([("bob", 1.0), ("dave", 5.0)]),
-        }
-        await asyncio.gather(
-            *(member.speak(schedule, start_at=begin) for member, schedule in schedules.items())
-        )
-        await asyncio.sleep(0.5)
-        vc.stop_listening()
-        assert await asyncio.wait_for(finished, 20) is None
-        assert sink.session is not None
-        started = sink.session.started_at
-        session_end = round((time.time() - started) * 48_000)
-        for member in members:
-            path = sink.files[member.user_id]
-            assert path.name == f"{member.user.name}.opus"
-            packets = read_packets(path)
-            sent = member.sent
-            # byte-identical to what the member sent, every frame (silence frames included)
-            assert [p for _, p in packets] == [s.opus for s in sent]
-            assert sum(s.opus == SILENCE_FRAME for s in sent) == 10
-            # at the right positions: where the schedule put each frame (its RTP timestamp counts the
-            # schedule's 20 ms slots from `begin`), within one frame
-            origin = (_wall(begin) - started) * 48_000 + FRAME * schedules[member].spurts[0].first_slot
-            for (end, _), s in zip(packets, sent, strict=True):
-                expected = origin + ((s.timestamp - sent[0].timestamp) & 0xFFFFFFFF)
-                assert abs(end - FRAME - expected) <= FRAME
-            stream = read_stream(path)
-            assert stream.complete and abs(stream.granule - session_end) <= 48_000 // 2
-            # and decoded in place: each frame's decode at its position, silence in between
-            pcm = decode_to_pcm(path)
-            reference = reference_decode(s.opus for s in sent)
-            for k, (end, _) in enumerate(packets):
-                assert pcm[(end - FRAME) * 4 : end * 4] == reference[k * 3840 : (k + 1) * 3840]
-            k = next(i for i in range(len(packets) - 1) if packets[i + 1][0] - packets[i][0] > FRAME)
-            assert sent[k].opus == SILENCE_FRAME and packets[k + 1][0] - packets[k][0] > 48_000  # the pause
-            assert not any(pcm[packets[k][0] * 4 : (packets[k + 1][0] - FRAME) * 4])
-        assert sink.errors == {}
-    finally:
-        await close_client(client)
+    rec = await record(
+        local_discord,
+        "ogg-opus",
+        options={"directory": str(tmp_path)},
+        schedules={
+            "alice": Schedule.from_clips([("alice", 0.0), ("carol", 4.2)]),
+            "bob": Schedule.from_clips([("bob", 1.0), ("dave", 5.0)]),
+        },
+        settle=0.0,
+        lead=0.5,
+        tail=0.5,
+        timeout=20,
+    )
+    sink, begin, schedules = rec.sink, rec.speak_at, rec.schedules
+    assert isinstance(sink, OggOpusSink)
+    assert rec.error is None
+    assert rec.finished is not None and sink.session is not None
+    started = sink.session.started_at
+    session_end = round((_wall(rec.finished) - started) * 48_000)
+    for name, member in rec.members.items():
+        path = sink.files[member.user_id]
+        assert path.name == f"{member.user.name}.opus"
+        packets = read_packets(path)
+        sent = member.sent
+        # byte-identical to what the member sent, every frame (silence frames included)
+        assert [p for _, p in packets] == [s.opus for s in sent]
+        assert sum(s.opus == SILENCE_FRAME for s in sent) == 10
+        # at the right positions: where the schedule put each frame (its RTP timestamp counts the
+        # schedule's 20 ms slots from `begin`), within one frame
+        origin = (_wall(begin) - started) * 48_000 + FRAME * schedules[name].spurts[0].first_slot
+        for (end, _), s in zip(packets, sent, strict=True):
+            expected = origin + ((s.timestamp - sent[0].timestamp) & 0xFFFFFFFF)
+            assert abs(end - FRAME - expected) <= FRAME
+        stream = read_stream(path)
+        assert stream.complete and abs(stream.granule - session_end) <= 48_000 // 2
+        # and decoded in place: each frame's decode at its position, silence in between
+        pcm = decode_to_pcm(path)
+        reference = reference_decode(s.opus for s in sent)
+        for k, (end, _) in enumerate(packets):
+            assert pcm[(end - FRAME) * 4 : end * 4] == reference[k * 3840 : (k + 1) * 3840]
+        k = next(i for i in range(len(packets) - 1) if packets[i + 1][0] - packets[i][0] > FRAME)
+        assert sent[k].opus == SILENCE_FRAME and packets[k + 1][0] - packets[k][0] > 48_000  # the pause
+        assert not any(pcm[packets[k][0] * 4 : (packets[k + 1][0] - FRAME) * 4])
+    assert sink.errors == {}
 
 
 async def test_disk_full_surfaces_in_after_and_spares_the_others(
     local_discord: LocalDiscord, tmp_path: Path
 ) -> None:
-    alice, bob = local_discord.add_member("alice"), local_discord.add_member("bob")
-    await alice.join()
-    await bob.join()
     (tmp_path / "bob.opus").symlink_to("/dev/full")
-    client, vc = await join_voice(local_discord)
-    try:
-        finished: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        sink = vc.listen(
-            "ogg-opus",
-            options={"directory": str(tmp_path)},
-            after=lambda s, e: finished.get_loop().call_soon_threadsafe(finished.set_result, e),
-        )
-        await asyncio.gather(
-            alice.speak(Schedule.from_clips([("alice", 0.0)])), bob.speak(Schedule.from_clips([("bob", 0.2)]))
-        )
-        await asyncio.sleep(0.3)
-        vc.stop_listening()
-        error = await asyncio.wait_for(finished, 20)
-        assert isinstance(error, SinkError) and "bob.opus" in str(error)
-        assert isinstance(error.__cause__, OSError)
-        assert list(sink.errors) == [bob.user_id]
-        packets = read_packets(tmp_path / "alice.opus")
-        assert [p for _, p in packets] == [s.opus for s in alice.sent]
-        assert read_stream(tmp_path / "alice.opus").complete
-    finally:
-        await close_client(client)
+    rec = await record(
+        local_discord,
+        "ogg-opus",
+        options={"directory": str(tmp_path)},
+        schedules={
+            "alice": Schedule.from_clips([("alice", 0.0)]),
+            "bob": Schedule.from_clips([("bob", 0.2)]),
+        },
+        settle=0.0,
+        lead=0.0,
+        timeout=20,
+    )
+    sink, error, alice, bob = rec.sink, rec.error, rec.members["alice"], rec.members["bob"]
+    assert isinstance(error, SinkError) and "bob.opus" in str(error)
+    assert isinstance(error.__cause__, OSError)
+    assert list(sink.errors) == [bob.user_id]
+    packets = read_packets(tmp_path / "alice.opus")
+    assert [p for _, p in packets] == [s.opus for s in alice.sent]
+    assert read_stream(tmp_path / "alice.opus").complete
 
 
 def test_sigkill_leaves_a_readable_file(tmp_path: Path) -> None:

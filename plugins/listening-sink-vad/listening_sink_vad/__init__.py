@@ -12,15 +12,20 @@ into utterances:
 - an utterance whose speech is shorter than ``min_speech_ms`` is discarded.
 
 Each utterance is streamed to ``{directory}/{template}.wav`` (mono, 48 or 16 kHz) once its speech
-reaches ``min_speech_ms``; when it ends, the file is closed, a line is appended (and flushed) to
-the JSON-lines manifest, and ``on_segment(segment)`` is called. Times are seconds on the session
-timeline (0 = when ``listen`` started). An utterance still open when the session stops is
-finished at cleanup.
+reaches ``min_speech_ms``, through the core's :class:`~listening_core.sinks.AudioFile` (soundfile;
+16 kHz through the core's resampler); when it ends, the file is closed, a line is appended (and
+flushed) to the JSON-lines manifest, and ``on_segment(segment)`` is called. Times are seconds on
+the session timeline (0 = when ``listen`` started). An utterance still open when the session
+stops is finished at cleanup.
 
 ``on_segment`` runs on the session's delivery thread, which also hands every other frame to the
 sink: it must return quickly (hand the segment to a queue, an executor or
 ``loop.call_soon_threadsafe``). An exception from it is logged and counted in
 :attr:`VadSegmentsSink.callback_errors`; recording goes on.
+
+Crash safety: an open segment file is flushed every ``flush_interval`` seconds of audio (its WAV
+header brought up to date, then fsync), so a file left by a killed process is a valid WAV up to
+there; :func:`recover` fixes the header of such a file from its length.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import collections
 import json
 import logging
 import math
+import os
 import pathlib
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,11 +44,17 @@ from typing import Any, Literal
 import numpy as np
 
 from listening_core.hookspecs import SinkSpec, hookimpl
-from listening_core.sinks import AudioFrame, AudioHandlingSink, SessionInfo, SinkError, safe_filename
+from listening_core.sinks import (
+    AudioFile,
+    AudioFrame,
+    AudioHandlingSink,
+    SessionInfo,
+    SinkError,
+    recover_file,
+    safe_filename,
+)
 
-from ._wav import WavWriter, repair_wav
-
-__all__ = ["Segment", "VadOptions", "VadSegmentsSink", "listening_sinks", "repair_wav"]
+__all__ = ["Segment", "VadOptions", "VadSegmentsSink", "listening_sinks", "recover"]
 __version__ = "0.1.0.dev0"
 
 _log = logging.getLogger(__name__)
@@ -139,7 +150,7 @@ class VadOptions:
         metadata={"help": "called with each finished Segment, on the delivery thread: keep it quick"},
     )
     flush_interval: float = field(
-        default=1.0, metadata={"help": "seconds between flushes of an open segment file"}
+        default=1.0, metadata={"help": "seconds of audio between flushes of an open segment file"}
     )
 
     def __post_init__(self) -> None:
@@ -170,40 +181,6 @@ class VadOptions:
             ) from None
 
 
-class _Decimator:
-    """48 kHz → 16 kHz for one segment: linear-phase low-pass FIR, delay compensated, zero edges."""
-
-    _TAPS: np.ndarray | None = None
-    _HALF = 48  # (taps - 1) / 2, a multiple of 3
-
-    def __init__(self) -> None:
-        if _Decimator._TAPS is None:
-            n = np.arange(-self._HALF, self._HALF + 1)
-            cutoff = 7_000 / RATE  # pass band to 7 kHz, well down by 8 kHz
-            taps = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(len(n), 8.0)
-            _Decimator._TAPS = taps / taps.sum()
-        self._hist = np.zeros(2 * self._HALF)
-        self._count = 0  # input samples consumed
-        self._skip = self._HALF // 3  # outputs that belong before the segment's first sample
-
-    def process(self, mono: np.ndarray) -> np.ndarray:
-        assert self._TAPS is not None
-        buf = np.concatenate([self._hist, mono.astype(np.float64)])
-        y = np.convolve(buf, self._TAPS, mode="valid")  # y[i] is centred on input sample count+i-HALF
-        self._hist = buf[-2 * self._HALF :]
-        first = (-self._count) % 3
-        out = y[first::3]
-        self._count += len(mono)
-        if self._skip:
-            drop = min(self._skip, len(out))
-            out = out[drop:]
-            self._skip -= drop
-        return np.clip(np.round(out), -32768, 32767).astype("<i2")
-
-    def finish(self) -> np.ndarray:
-        return self.process(np.zeros(self._HALF))
-
-
 _Frame = tuple[int, np.ndarray]  # (session position, mono int16 samples)
 
 
@@ -219,11 +196,9 @@ class _Utterance:
         self.held: collections.deque[_Frame] = collections.deque()
         self.tail_samples = 0  # non-speech after the last speech frame
         self.written_end = start  # session sample just after what went into the file
-        self.writer: WavWriter | None = None
-        self.decimator: _Decimator | None = None
+        self.writer: AudioFile | None = None
         self.name = ""
         self.index = 0
-        self.last_flush = 0.0
 
 
 class _UserState:
@@ -441,30 +416,27 @@ class VadSegmentsSink(AudioHandlingSink):
         utt.index = state.index
         path = self.directory / utt.name
         try:
-            utt.writer = WavWriter(path, channels=1, sample_rate=self.options.sample_rate)
-        except OSError as exc:
+            utt.writer = AudioFile(
+                path,
+                channels=1,
+                sample_rate=self.options.sample_rate,
+                flush_interval=self.options.flush_interval,
+            )
+        except SinkError as exc:
             self._failed = exc
-            raise SinkError(f"vad-segments: cannot create {path}: {exc}") from exc
-        if self.options.sample_rate != RATE:
-            utt.decimator = _Decimator()
-        utt.last_flush = time.monotonic()
+            raise SinkError(f"vad-segments: {exc}") from exc
 
     def _write(self, utt: _Utterance, fr: _Frame, limit: int | None = None) -> None:
         pos, mono = fr
         if limit is not None:
             mono = mono[: max(0, limit - pos)]
         assert utt.writer is not None and pos == utt.written_end, (pos, utt.written_end)
-        out = utt.decimator.process(mono) if utt.decimator is not None else mono
         try:
-            utt.writer.write(out.astype("<i2").tobytes())
-            utt.written_end = pos + len(mono)
-            now = time.monotonic()
-            if now - utt.last_flush >= self.options.flush_interval:
-                utt.writer.flush()
-                utt.last_flush = now
-        except OSError as exc:
+            utt.writer.write_samples(mono)  # flushed every flush_interval s of audio
+        except SinkError as exc:
             self._failed = exc
-            raise SinkError(f"vad-segments: writing {utt.writer.path} failed: {exc}") from exc
+            raise SinkError(f"vad-segments: {exc}") from exc
+        utt.written_end = pos + len(mono)
 
     def _finish(self, state: _UserState) -> None:
         """End the user's utterance: write the tail padding, close, manifest line, callback."""
@@ -495,12 +467,10 @@ class VadSegmentsSink(AudioHandlingSink):
             return
         writer = utt.writer
         try:
-            if utt.decimator is not None:
-                writer.write(utt.decimator.finish().tobytes())
-            writer.close()
-        except OSError as exc:
+            writer.cleanup()  # the resampler's tail, then close
+        except SinkError as exc:
             self._failed = exc
-            raise SinkError(f"vad-segments: writing {writer.path} failed: {exc}") from exc
+            raise SinkError(f"vad-segments: {exc}") from exc
         segment = Segment(
             user_id=state.user_id,
             user=state.name,
@@ -510,7 +480,7 @@ class VadSegmentsSink(AudioHandlingSink):
             speech_start=utt.speech_start / RATE,
             speech_end=speech_end / RATE,
             file=utt.name,
-            frames=writer.frames,
+            frames=writer.frames_written,
             sample_rate=self.options.sample_rate,
             path=writer.path,
         )
@@ -535,12 +505,17 @@ class VadSegmentsSink(AudioHandlingSink):
         utt, state.utterance = state.utterance, None
         if utt is not None and utt.writer is not None:
             try:
-                utt.writer.close()
-            except OSError:
+                utt.writer.cleanup()
+            except SinkError:
                 _log.debug("closing %s after a failure failed too", utt.writer.path, exc_info=True)
 
     def __repr__(self) -> str:
         return f"<VadSegmentsSink {self.directory} segments={len(self.segments)}>"
+
+
+def recover(path: str | os.PathLike[str]) -> int:
+    """Fix the header of a segment WAV left by a killed process from its length; returns its samples."""
+    return recover_file(path)
 
 
 @hookimpl

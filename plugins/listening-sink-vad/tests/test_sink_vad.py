@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -12,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from listening_sink_vad import Segment, VadOptions, VadSegmentsSink, repair_wav
+from listening_sink_vad import Segment, VadOptions, VadSegmentsSink, recover
 
 from listening_core import AudioFrame, FrameKind
 from listening_core.plugins import OptionsError, default_registry, describe
 from listening_core.sinks import SessionInfo, SinkError
-from listening_core.testing import LocalDiscord, Schedule, close_client, join_voice
+from listening_core.testing import LocalDiscord, Schedule, record
 from listening_core.testing.media import OpusEncoder, clip_path, load_pcm, reference_decode
 
 RATE = 48_000
@@ -100,26 +99,16 @@ def test_entry_point_and_options(tmp_path: Path) -> None:
 
 
 async def test_three_phrases_end_to_end(local_discord: LocalDiscord, tmp_path: Path) -> None:
-    alice = local_discord.add_member("alice")
-    await alice.join()
-    client, vc = await join_voice(local_discord)
     calls: list[Segment] = []
-    done: list[tuple[Any, Any]] = []
-    try:
-        await asyncio.sleep(0.3)
-        loop = asyncio.get_running_loop()
-        sink = vc.listen(
-            "vad-segments",
-            options={"directory": str(tmp_path), "on_segment": calls.append},
-            after=lambda s, e: done.append((s, e)),
-        )
-        t0 = loop.time()  # session sample 0 is taken inside listen(), just before it returns
-        await alice.speak(Schedule.from_clips([("three-phrases", 0.0)]), start_at=t0 + 0.5)
-        await asyncio.sleep(0.3)
-        vc.stop_listening()
-        await vc.wait_for_listen_ready()
-    finally:
-        await close_client(client)
+    rec = await record(
+        local_discord,
+        "vad-segments",
+        options={"directory": str(tmp_path), "on_segment": calls.append},
+        schedules={"alice": Schedule.from_clips([("three-phrases", 0.0)])},
+        lead=0.5,
+    )
+    sink, done, alice = rec.sink, rec.calls, rec.members["alice"]
+    t0 = rec.start  # session sample 0 is taken inside listen(), just before it returns
 
     assert isinstance(sink, VadSegmentsSink) and done == [(sink, None)]
     member_start = alice.sent[0].time - t0  # the clip's sample 0 on the session timeline
@@ -137,25 +126,16 @@ async def test_three_phrases_end_to_end(local_discord: LocalDiscord, tmp_path: P
 async def test_disk_full_reaches_after_and_the_log(
     local_discord: LocalDiscord, tmp_path: Path, caplog: Any
 ) -> None:
-    alice = local_discord.add_member("alice")
-    await alice.join()
     (tmp_path / "alice-2.wav").symlink_to("/dev/full")  # the second segment's exact name
-    client, vc = await join_voice(local_discord)
-    done: list[tuple[Any, Any]] = []
-    try:
-        await asyncio.sleep(0.3)
-        with caplog.at_level(logging.ERROR):
-            vc.listen(
-                "vad-segments",
-                options={"directory": str(tmp_path), "template": "{user}-{index}"},
-                after=lambda s, e: done.append((s, e)),
-            )
-            await alice.speak(Schedule.from_clips([("three-phrases", 0.0)]))
-            await asyncio.sleep(0.3)
-            vc.stop_listening()
-            await vc.wait_for_listen_ready()
-    finally:
-        await close_client(client)
+    with caplog.at_level(logging.ERROR):
+        rec = await record(
+            local_discord,
+            "vad-segments",
+            options={"directory": str(tmp_path), "template": "{user}-{index}"},
+            schedules={"alice": Schedule.from_clips([("three-phrases", 0.0)])},
+            lead=0.0,
+        )
+    done = rec.calls
     assert len(done) == 1
     error = done[0][1]
     assert isinstance(error, SinkError) and "No space left" in str(error)
@@ -283,7 +263,7 @@ def test_long_utterance_is_streamed_and_readable_while_open(tmp_path: Path) -> N
     assert sink.segments == []
     on_disk = sf.info(str(tmp_path / "long.wav")).frames  # a crash here leaves a valid WAV
     assert on_disk > 15 * RATE
-    assert repair_wav(tmp_path / "long.wav") >= on_disk
+    assert recover(tmp_path / "long.wav") >= on_disk
     sink.on_stop(pos)
     sink.cleanup()
     assert len(sink.segments) == 1 and sink.segments[0].frames > 20 * RATE

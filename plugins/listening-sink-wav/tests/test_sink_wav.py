@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -22,7 +15,14 @@ import soundfile as sf
 
 from listening_core.plugins import default_registry
 from listening_core.sinks import AudioFrame, FrameKind, SinkError, convert_file, safe_filename
-from listening_core.testing import LocalDiscord, Schedule, close_client, join_voice
+from listening_core.testing import LocalDiscord, Recording, Schedule, record
+from listening_core.testing.recording import (
+    assert_placed,
+    fill_disk,
+    first_audible,
+    record_until_killed,
+    reference_track,
+)
 
 CLIPS = {"alice": [("alice", 0.0)], "bob": [("bob", 0.4)], "carol": [("carol", 0.9)]}
 
@@ -30,63 +30,8 @@ CLIPS = {"alice": [("alice", 0.0)], "bob": [("bob", 0.4)], "carol": [("carol", 0
 # ------------------------------------------------------------------------------- helpers
 
 
-async def record(
-    local: LocalDiscord, options: dict[str, Any], *, during: Any = None, late: str | None = None
-) -> tuple[Any, list[tuple[Any, Any]], dict[str, Schedule], dict[str, int]]:
-    """Three members speak their clips into ``vc.listen("wav", options)``; returns the sink,
-    ``after``'s calls, the schedules and the user ids by name. ``late`` joins after listen starts."""
-    members = [local.add_member(name) for name in CLIPS]
-    for member in members:
-        await member.join()
-    client, vc = await join_voice(local)
-    try:
-        await asyncio.sleep(0.3)
-        done = asyncio.Event()
-        calls: list[tuple[Any, Any]] = []
-
-        def after(sink: Any, error: Any) -> None:
-            calls.append((sink, error))
-            done.set()
-
-        sink = vc.listen("wav", options=options, after=after)
-        loop = asyncio.get_running_loop()
-        schedules = {name: Schedule.from_clips(clips) for name, clips in CLIPS.items()}
-        start = loop.time() + 0.2
-        tasks = [m.speak(schedules[m.user.name], start_at=start) for m in members]
-        if late is not None:
-            await asyncio.sleep(1.0)
-            newcomer = local.add_member(late)
-            await newcomer.join()
-            members.append(newcomer)
-            schedules[late] = Schedule.from_clips([(late, 0.0)])
-            tasks.append(newcomer.speak(schedules[late]))
-        if during is not None:
-            await during(sink, {m.user.name: m for m in members})
-        await asyncio.gather(*tasks)
-        await asyncio.sleep(0.3)
-        vc.stop_listening()
-        await asyncio.wait_for(done.wait(), 30)
-    finally:
-        await close_client(client)
-    return sink, calls, schedules, {m.user.name: m.user_id for m in members}
-
-
-def reference(schedule: Schedule) -> np.ndarray:
-    """The member's track as a perfect receiver writes it, (n, 2) int16, from its first slot."""
-    return np.frombuffer(schedule.reference_pcm(), dtype="<i2").reshape(-1, 2)
-
-
-def first_nonzero(x: np.ndarray) -> int:
-    return int(np.flatnonzero(np.any(x != 0, axis=1))[0])
-
-
-def assert_exact(track: np.ndarray, ref: np.ndarray) -> int:
-    """``ref`` sits in ``track`` sample for sample, with only silence around it; returns its offset."""
-    offset = first_nonzero(track) - first_nonzero(ref)
-    assert offset >= 0
-    assert np.array_equal(track[offset : offset + len(ref)], ref)
-    assert not track[:offset].any() and not track[offset + len(ref) :].any()
-    return offset
+def three_members() -> dict[str, Schedule]:
+    return {name: Schedule.from_clips(clips) for name, clips in CLIPS.items()}
 
 
 def snr_db(signal: np.ndarray, test: np.ndarray) -> float:
@@ -128,7 +73,14 @@ def test_entry_point_finds_the_wav_sink(tmp_path: Path) -> None:
 async def test_three_members_bit_exact_and_aligned_with_a_late_joiner(
     local_discord: LocalDiscord, tmp_path: Path
 ) -> None:
-    sink, calls, schedules, ids = await record(local_discord, {"directory": tmp_path}, late="dave")
+    rec = await record(
+        local_discord,
+        "wav",
+        options={"directory": tmp_path},
+        schedules=three_members(),
+        late={"dave": (0.8, Schedule.from_clips([("dave", 0.0)]))},  # a second after listen started
+    )
+    sink, calls, schedules, ids = rec.sink, rec.calls, rec.schedules, rec.user_ids
     assert calls == [(sink, None)]
     files = {name: tmp_path / f"{name}.wav" for name in schedules}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files.values())
@@ -136,22 +88,27 @@ async def test_three_members_bit_exact_and_aligned_with_a_late_joiner(
     assert all(rate == 48000 and data.shape[1] == 2 for data, rate in tracks.values())
     lengths = {len(data) for data, _ in tracks.values()}
     assert max(lengths) - min(lengths) <= 960, lengths  # aligned: same length within one frame
-    offsets = {name: assert_exact(tracks[name][0], reference(schedules[name])) for name in schedules}
+    offsets = {name: assert_placed(tracks[name][0], reference_track(schedules[name])) for name in schedules}
     # the three started together, so their tracks' origins coincide (the receiver's placement of
     # each first frame is tested to the sample in the core's e2e tests; here: roughly, 0.2 s)
     assert max(offsets[n] for n in CLIPS) - min(offsets[n] for n in CLIPS) <= 0.2 * 48000, offsets
     # dave joined a second later: leading silence, then his clip
     assert offsets["dave"] > offsets["alice"] + 48000 // 2
     assert all(
-        len(data) >= offsets[name] + len(reference(schedules[name])) for name, (data, _) in tracks.items()
+        len(data) >= offsets[name] + len(reference_track(schedules[name]))
+        for name, (data, _) in tracks.items()
     )
     assert sink.paths[ids["alice"]] == files["alice"]
 
 
 async def test_mono_16k_is_resampled_properly(local_discord: LocalDiscord, tmp_path: Path) -> None:
-    sink, calls, schedules, _ = await record(
-        local_discord, {"directory": tmp_path, "channels": 1, "sample_rate": 16000}
+    rec = await record(
+        local_discord,
+        "wav",
+        options={"directory": tmp_path, "channels": 1, "sample_rate": 16000},
+        schedules=three_members(),
     )
+    sink, calls, schedules = rec.sink, rec.calls, rec.schedules
     assert calls == [(sink, None)]
     lengths = set()
     for name, schedule in schedules.items():
@@ -159,7 +116,7 @@ async def test_mono_16k_is_resampled_properly(local_discord: LocalDiscord, tmp_p
         assert rate == 16000 and data.shape[1] == 1
         lengths.add(len(data))
         y = data[:, 0].astype(np.float64)
-        ref = reference(schedule).astype(np.float64).mean(axis=1)
+        ref = reference_track(schedule).astype(np.float64).mean(axis=1)
         # where the clip sits (in 48 kHz samples): correlation at 16 kHz, then the best exact offset
         coarse = ideal_resample(ref, len(ref) // 3, len(ref), 7900, 48000)
         corr = np.fft.irfft(np.fft.rfft(y, 2 * len(y)) * np.conj(np.fft.rfft(coarse, 2 * len(y))))
@@ -183,19 +140,16 @@ async def test_disk_full_mid_session(
     what was written before (read after the documented header repair)."""
     failed_at: dict[str, int] = {}
 
-    async def fill_disk(sink: Any, members: dict[str, Any]) -> None:
+    async def fill(rec: Recording) -> None:
         await asyncio.sleep(2.0)  # bob starts at 0.4 s: he is well into his clip
-        path = str(sink.paths[members["bob"].user_id].resolve())
-        fd = next(
-            int(n) for n in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{n}") == path
-        )
-        full = os.open("/dev/full", os.O_WRONLY)
-        os.dup2(full, fd)
-        os.close(full)
-        failed_at["size"] = os.path.getsize(path)
+        sink: Any = rec.sink
+        failed_at["size"] = fill_disk(sink.paths[rec.members["bob"].user_id])
 
     with caplog.at_level(logging.ERROR):
-        sink, calls, schedules, ids = await record(local_discord, {"directory": tmp_path}, during=fill_disk)
+        rec = await record(
+            local_discord, "wav", options={"directory": tmp_path}, schedules=three_members(), during=fill
+        )
+    sink, calls, schedules, ids = rec.sink, rec.calls, rec.schedules, rec.user_ids
     [(got_sink, error)] = calls
     assert got_sink is sink and isinstance(error, SinkError) and "bob.wav" in str(error)
     assert isinstance(sink.errors[ids["bob"]], SinkError)
@@ -203,73 +157,32 @@ async def test_disk_full_mid_session(
     alice, _ = sf.read(tmp_path / "alice.wav", dtype="int16", always_2d=True)
     carol, _ = sf.read(tmp_path / "carol.wav", dtype="int16", always_2d=True)
     assert len(alice) == len(carol)
-    assert_exact(alice, reference(schedules["alice"]))
-    assert_exact(carol, reference(schedules["carol"]))
+    assert_placed(alice, reference_track(schedules["alice"]))
+    assert_placed(carol, reference_track(schedules["carol"]))
     # bob: everything written before the disk filled is there, sample for sample
     samples = listening_sink_wav.recover(tmp_path / "bob.wav")
     assert samples * 4 + 44 >= failed_at["size"]
     bob, _ = sf.read(tmp_path / "bob.wav", dtype="int16", always_2d=True)
-    ref = reference(schedules["bob"])
-    offset = first_nonzero(bob) - first_nonzero(ref)
+    ref = reference_track(schedules["bob"])
+    offset = first_audible(bob) - first_audible(ref)
     assert len(bob) > offset + 48000  # more than a second of his clip
     assert np.array_equal(bob[offset:], ref[: len(bob) - offset])
 
 
 # ------------------------------------------------------------------------------- crash
 
-CRASH_SCRIPT = textwrap.dedent(
-    """
-    import asyncio, json, os, signal, sys
-
-    from listening_core.testing import LocalDiscord, Schedule, join_voice
-
-    async def main(sink, directory, side, kill_after):
-        async with LocalDiscord() as local:
-            alice = local.add_member("alice")
-            await alice.join()
-            client, vc = await join_voice(local)
-            await asyncio.sleep(0.3)
-            vc.listen(sink, options={"directory": directory})
-            alice.speak(Schedule.from_clips([("three-phrases", 0.0)]))
-            await asyncio.sleep(float(kill_after))
-            with open(side, "w") as f:
-                json.dump({"sent": len(alice.sent)}, f)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    if __name__ == "__main__":  # the decode workers are spawned: they import this module
-        asyncio.run(main(*sys.argv[1:]))
-    """
-)
-
-
-def run_and_kill(tmp_path: Path, sink: str, kill_after: float = 3.0) -> int:
-    """Record in a subprocess that SIGKILLs itself mid-clip; returns the frames sent by then."""
-    script = tmp_path / "crash.py"
-    script.write_text(CRASH_SCRIPT)
-    side = tmp_path / "side.json"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), sink, str(tmp_path / "out"), str(side), str(kill_after)],
-        start_new_session=True,
-    )
-    try:
-        assert proc.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # its decode workers, orphaned by the kill
-            os.killpg(proc.pid, signal.SIGKILL)
-    return int(json.loads(side.read_text())["sent"])
-
 
 def test_killed_recorder_leaves_a_readable_wav(tmp_path: Path) -> None:
-    sent = run_and_kill(tmp_path, "wav")
+    sent = record_until_killed("wav", tmp_path / "out")
     path = tmp_path / "out" / "alice.wav"
-    ref = reference(Schedule.from_clips([("three-phrases", 0.0)]))
+    ref = reference_track(Schedule.from_clips([("three-phrases", 0.0)]))
     # directly readable (libsndfile reads to the end of what was written) ...
     direct, _ = sf.read(path, dtype="int16", always_2d=True)
     # ... and after recover(), with a header every reader agrees with
     samples = listening_sink_wav.recover(path)
     data, _ = sf.read(path, dtype="int16", always_2d=True)
     assert len(data) == samples == len(direct)
-    offset = first_nonzero(data) - first_nonzero(ref)
+    offset = first_audible(data) - first_audible(ref)
     held = len(data) - offset  # samples of her clip in the file
     print(f"wav: {held / 48000:.3f} s of the clip on disk, {sent * 0.02:.3f} s sent before the kill")
     assert held >= (sent - 50) * 960, f"{held / 48000:.2f} s on disk, {sent * 0.02:.2f} s sent"
