@@ -6,6 +6,8 @@ import asyncio
 import random
 import time
 
+import pytest
+
 from listening_core import AudioFrame, AudioSink
 from listening_core.testing import LocalDiscord, Schedule
 from listening_core.testing.clients import close_client
@@ -28,6 +30,7 @@ class FirstFrames(AudioSink):
         self.placed.setdefault(frame.user_id, {})[frame.sequence] = frame.position
 
 
+@pytest.mark.timeout(SESSION + 240)
 async def test_spurts_stay_aligned_over_five_minutes() -> None:
     async with LocalDiscord(seed=5) as local:
         members = [local.add_member(name) for name in ("alice", "bob", "carol")]

@@ -90,15 +90,27 @@ async def test_loss_reordering_and_duplicates(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_frames_before_the_key_arrives_are_held_not_dropped(mode: str) -> None:
+@pytest.mark.parametrize("path", ["welcomed", "commits"])
+async def test_frames_before_the_key_arrives_are_held_not_dropped(mode: str, path: str) -> None:
     # DAVE messages reach the bot 150 ms after media: a new member's first frames, and the frames
     # after an epoch change, arrive before the bot can decrypt them.
     async with LocalDiscord(modes=(mode,), dave_delay=0.15) as local:
         alice, bob = local.add_member("alice"), local.add_member("bob")
-        await alice.join()
-        client, vc = await _recorder(local)
+        if path == "welcomed":
+            await alice.join()  # the bot is added by alice's commit
+            client, vc = await _recorder(local)
+        else:
+            client, vc = await _recorder(local)  # the bot creates the group and commits alice's Add
+            await wait_dave_ready(vc, epoch=1)
+            await alice.join()
         try:
             await wait_dave_ready(vc, epoch=1)
+            if path == "commits":
+                await wait_for(
+                    lambda: alice.user_id in local.calls[local.world.voice_channel_id].dave.members
+                )
+                group = local.calls[local.world.voice_channel_id].dave
+                assert client.user is not None and group.transitions[-1].committer == client.user.id
             await asyncio.sleep(0.5)
             sink = CollectingSink()
             vc.listen(sink)
