@@ -75,10 +75,12 @@ class StreamTimeline:
       ``ts_diff(timestamp, previous timestamp)``: RTP-exact and wrap-aware, so a 2**32 wrap
       mid-session is seamless.
     - At a spurt start (``spurt_start=True``: the caller saw a gap in arrivals), the predicted
-      position is compared with ``clock.sample_at(arrival)``; if they differ by more than
-      ``resync_threshold`` seconds the frame is re-anchored at the arrival-based position,
-      otherwise the RTP-derived one is kept (exact for Discord's clients, whose timestamps
-      follow the wall clock).
+      position is compared with ``clock.sample_at(arrival)``. Arriving more than
+      ``early_tolerance`` before the prediction proves the anchor late (nothing arrives before it
+      is sent): re-anchored at the arrival. Arriving more than ``resync_threshold`` after it (a
+      sender whose timestamps stood still while silent, or drift): re-anchored too. Otherwise
+      the RTP-derived position is kept (exact for Discord's clients, whose timestamps follow
+      the wall clock).
     - Positions never go backwards: a frame that would start before the previous frame's end
       (after a re-anchor, or a timestamp going back) is placed right after it. Both count in
       :attr:`anchors`.
@@ -90,6 +92,7 @@ class StreamTimeline:
 
     __slots__ = (
         "_clock",
+        "_early",
         "_frame_step",
         "_last_end",
         "_last_silence",
@@ -99,9 +102,17 @@ class StreamTimeline:
         "anchors",
     )
 
-    def __init__(self, clock: SessionClock, *, resync_threshold: float = 0.06, frame_step: int = 960) -> None:
+    def __init__(
+        self,
+        clock: SessionClock,
+        *,
+        resync_threshold: float = 0.06,
+        early_tolerance: float = 0.005,
+        frame_step: int = 960,
+    ) -> None:
         self._clock = clock
         self._threshold = round(resync_threshold * clock.sample_rate)
+        self._early = round(early_tolerance * clock.sample_rate)
         self._frame_step = frame_step
         self._ref_ts: int | None = None
         self._ref_pos = 0
@@ -149,7 +160,12 @@ class StreamTimeline:
             moved = False
             if spurt_start and arrival is not None:
                 actual = self._clock.sample_at(arrival)
-                if abs(actual - pos) > self._threshold:
+                # A frame cannot have been sent after it arrived: arriving well before the
+                # predicted position means the anchor was late (a delayed first packet), and it is
+                # corrected; within ``early_tolerance`` the RTP-exact position is kept. Arriving
+                # later is network delay unless it exceeds the threshold (a sender whose
+                # timestamps stood still while it was silent).
+                if pos - actual > self._early or actual - pos > self._threshold:
                     _log.debug("re-anchoring ts %d: predicted %d, arrived at %d", timestamp, pos, actual)
                     pos = actual
                     moved = True
