@@ -50,6 +50,7 @@ from .plugins import (
     SinkRegistry,
     default_registry,
     describe,
+    format_default,
 )
 
 __all__ = [
@@ -201,14 +202,8 @@ _default_repr.maxother = 60
 
 
 def _default_text(value: object) -> str:
-    """An option's default as the listings show it: ``'recordings'``, ``128``, ``Mode.FAST``."""
-    if isinstance(value, PurePath):
-        return repr(str(value))
-    if isinstance(value, enum.Enum):
-        return f"{type(value).__name__}.{value.name}"
-    if isinstance(value, types.FunctionType | types.BuiltinFunctionType | type):
-        return value.__qualname__
-    return _default_repr.repr(value)
+    """An option's default as the listings show it (longer values than the registry's errors)."""
+    return format_default(value, _default_repr.repr)
 
 
 def _json_value(value: object) -> Any:

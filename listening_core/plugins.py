@@ -376,18 +376,19 @@ class OptionInfo:
     """One line from ``field(metadata={"help": ...})``; empty if the plugin gave none."""
 
     def __str__(self) -> str:
-        text = f"{self.name}: {self.type_str} = {_format_default(self.default)}"
+        text = f"{self.name}: {self.type_str} = {format_default(self.default)}"
         return f"{text} — {self.help}" if self.help else text
 
 
-def _format_default(value: object) -> str:
+def format_default(value: object, repr_: Callable[[object], str] = reprlib.repr) -> str:
+    """An option's default as listings show it: ``'recordings'``, ``128``, ``Mode.FAST``."""
     if isinstance(value, PurePath):
         return repr(str(value))
     if isinstance(value, enum.Enum):
         return f"{type(value).__name__}.{value.name}"
     if isinstance(value, types.FunctionType | types.BuiltinFunctionType | type):
         return value.__qualname__
-    return reprlib.repr(value)
+    return repr_(value)
 
 
 def _init_fields(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:

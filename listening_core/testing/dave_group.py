@@ -60,7 +60,21 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .dave_client import ClientMessage, DaveClient
+from .dave_client import (
+    OP_ANNOUNCE_COMMIT,
+    OP_COMMIT_WELCOME,
+    OP_EXECUTE_TRANSITION,
+    OP_EXTERNAL_SENDER,
+    OP_INVALID_COMMIT_WELCOME,
+    OP_KEY_PACKAGE,
+    OP_PREPARE_EPOCH,
+    OP_PREPARE_TRANSITION,
+    OP_PROPOSALS,
+    OP_TRANSITION_READY,
+    OP_WELCOME,
+    ClientMessage,
+    DaveClient,
+)
 from .mls import (
     CIPHERSUITE_P256,
     SENDER_MEMBER,
@@ -80,17 +94,6 @@ _log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_GHOST_USER_ID", "DaveGroup", "Outgoing", "Transition"]
 
-OP_PREPARE_TRANSITION = 21
-OP_EXECUTE_TRANSITION = 22
-OP_TRANSITION_READY = 23
-OP_PREPARE_EPOCH = 24
-OP_EXTERNAL_SENDER = 25
-OP_KEY_PACKAGE = 26
-OP_PROPOSALS = 27
-OP_COMMIT_WELCOME = 28
-OP_ANNOUNCE_COMMIT = 29
-OP_WELCOME = 30
-OP_INVALID_COMMIT_WELCOME = 31
 
 DEFAULT_GHOST_USER_ID = 0x7FFF_FFFF_FFFF_FFFE
 
