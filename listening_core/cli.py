@@ -81,6 +81,13 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other command-line tools
 
+
+def _flushed(code: int) -> int:
+    """Flush stdout here, where a reader that left (BrokenPipeError) is still handled."""
+    sys.stdout.flush()
+    return code
+
+
 Status = Literal["ok", "missing", "broken"]
 
 # the core's own dependencies: import name -> distribution (as users spell it)
@@ -800,11 +807,11 @@ def main(
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
     try:
         if args.command == "plugins":
-            return cmd_plugins(registry, args.name, args.json)
+            return _flushed(cmd_plugins(registry, args.name, args.json))
         if args.command == "doctor":
-            return doctor(checks, registry=registry)
+            return _flushed(doctor(checks, registry=registry))
         if args.command == "demo":
-            return cmd_demo()
+            return _flushed(cmd_demo())
     except BrokenPipeError:  # `listening plugins | head`: the reader left; stop quietly
         with contextlib.suppress(Exception):
             devnull = os.open(os.devnull, os.O_WRONLY)

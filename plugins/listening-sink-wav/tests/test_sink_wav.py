@@ -225,7 +225,9 @@ def test_memory_does_not_grow_with_the_session(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     sink.cleanup()
-    assert peaks[2] - peaks[0] < 256 * 1024, peaks
+    # Keeping the frames would grow by ~23 MB a minute here; an interpreter table may resize once
+    # (~2 MB) on the way, so 5 MB over two minutes is flat.
+    assert peaks[2] - peaks[0] < 5_000_000, peaks
     assert sf.info(tmp_path / "1.wav").frames == sf.info(tmp_path / "2.wav").frames == 3 * 60 * 16000
 
 
