@@ -30,6 +30,8 @@ from listening_core.hookspecs import ENTRY_POINT_GROUP, SinkSpec, hookimpl
 from listening_core.opus import LIBOPUS_ENV, LibopusNotFound, libopus_version
 from listening_core.plugins import SinkRegistry, UnknownSinkError, default_registry, describe
 
+from .test_plugins import FakeDist, FakeEntryPoint
+
 WIDTH = 100
 
 
@@ -138,29 +140,6 @@ def plugin_module(name: str, *specs: SinkSpec) -> types.ModuleType:
 
     module.listening_sinks = listening_sinks  # type: ignore[attr-defined]
     return module
-
-
-@dataclass(frozen=True)
-class FakeDist:
-    name: str
-    version: str
-
-
-@dataclass
-class FakeEntryPoint:
-    """Stands in for importlib.metadata.EntryPoint: name, value, dist, load()."""
-
-    name: str
-    target: object = None
-    dist: FakeDist | None = None
-    error: Exception | None = None
-    value: str = "some_module"
-    group: str = ENTRY_POINT_GROUP
-
-    def load(self) -> object:
-        if self.error is not None:
-            raise self.error
-        return self.target
 
 
 FAKE = SinkSpec("fake", FakeSink, FakeOptions, "a fake sink for tests")

@@ -149,7 +149,7 @@ def plugin_module(name: str, *specs: SinkSpec) -> types.ModuleType:
     return module
 
 
-@dataclass
+@dataclass(frozen=True)
 class FakeDist:
     name: str
     version: str
