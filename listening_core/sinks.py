@@ -4,6 +4,8 @@ A listening session hands every user's frames to one :class:`AudioSink`, in orde
 from one delivery thread (never the socket reader's, so a slow sink cannot make packets drop).
 
 - :class:`AudioSink`: the base: ``on_audio``, ``on_rtcp``, ``cleanup``.
+- :class:`MultiSink`: several sinks on one session (``vc.listen(["wav", "mixdown"])``); one
+  that fails is stopped alone.
 - :class:`AudioHandlingSink`: the seed's validation procedure (wrap-aware, per user and SSRC)
   in front of ``on_valid_audio``: a frame that would go backwards is dropped and counted.
 - :class:`AudioFileSink`: one :class:`AudioFile` per user, all aligned on the session timeline.
@@ -27,6 +29,7 @@ import re
 import threading
 import time
 import unicodedata
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
@@ -51,6 +54,7 @@ __all__ = [
     "AudioSink",
     "FileSinkOptions",
     "FrameKind",
+    "MultiSink",
     "RtcpPacket",
     "SessionInfo",
     "SinkError",
@@ -166,6 +170,103 @@ class SessionInfo:
     started_at: float  # time.time() at sample 0
     sample_rate: int = SAMPLE_RATE
     channels: int = CHANNELS
+
+
+class MultiSink(AudioSink):
+    """Several sinks fed by one session: each gets every frame, RTCP packet and the stop.
+
+    ``vc.listen(["wav", "mixdown"], options={"wav": {...}})`` builds one from installed sinks;
+    ``MultiSink({"report": SessionReport(), "wav": my_sink})`` from instances. Audio is decoded
+    once when any of them :attr:`~AudioSink.wants_pcm`. A sink that raises is cleaned up at once
+    (its files keep what they hold), logged at ERROR and recorded in :attr:`errors`; the others go
+    on. At cleanup a :class:`SinkError` naming every failed sink is raised, so ``after`` hears of
+    it. When every sink has failed, the session ends.
+    """
+
+    def __init__(self, sinks: Mapping[str, AudioSink] | Iterable[AudioSink]) -> None:
+        named = dict(sinks) if isinstance(sinks, Mapping) else {}
+        if not isinstance(sinks, Mapping):
+            for sink in sinks:
+                base = type(sink).__name__
+                key, n = base, 2
+                while key in named:
+                    key, n = f"{base}-{n}", n + 1
+                named[key] = sink
+        if not named:
+            raise ValueError("MultiSink needs at least one sink")
+        for key, sink in named.items():
+            if not isinstance(sink, AudioSink):
+                raise TypeError(f"MultiSink: {key!r} is a {type(sink).__name__}, not an AudioSink")
+        self.sinks: dict[str, AudioSink] = named
+        """The sinks by name, in the order they are called."""
+        self.errors: dict[str, BaseException] = {}
+        """The sinks that failed, by name, with their exception."""
+        self._active = list(named.items())
+        # Decoding is per session: decode when any sink wants PCM (an instance value here).
+        setattr(self, "wants_pcm", any(s.wants_pcm for s in named.values()))  # noqa: B010
+
+    def __getitem__(self, name: str) -> AudioSink:
+        """The sink called ``name``."""
+        return self.sinks[name]
+
+    def __repr__(self) -> str:
+        return f"<MultiSink {list(self.sinks)}>"
+
+    def _fail(self, name: str, sink: AudioSink, exc: Exception) -> None:
+        self.errors[name] = exc
+        self._active = [(n, s) for n, s in self._active if s is not sink]
+        _log.error("sink %r failed and was stopped (the other sinks go on): %r", name, exc)
+        try:
+            sink.cleanup()
+        except Exception as cleanup_exc:
+            _log.error("cleanup of the failed sink %r failed too: %r", name, cleanup_exc)
+        if not self._active:
+            raise SinkError(f"every sink failed: {self._describe_errors()}") from exc
+
+    def _describe_errors(self) -> str:
+        return "; ".join(f"{name}: {exc!r}" for name, exc in self.errors.items())
+
+    def _each(self, call: Callable[[AudioSink], None]) -> None:
+        for name, sink in list(self._active):
+            try:
+                call(sink)
+            except Exception as exc:
+                self._fail(name, sink, exc)
+
+    def on_start(self, session: SessionInfo) -> None:
+        """Start every sink."""
+        self._each(lambda sink: sink.on_start(session))
+
+    def on_audio(self, frame: AudioFrame) -> None:
+        """Hand ``frame`` to every sink still running."""
+        for name, sink in self._active:
+            try:
+                sink.on_audio(frame)
+            except Exception as exc:
+                self._fail(name, sink, exc)
+
+    def on_rtcp(self, packet: RtcpPacket) -> None:
+        """Hand ``packet`` to every sink still running."""
+        self._each(lambda sink: sink.on_rtcp(packet))
+
+    def on_stop(self, end: int) -> None:
+        """Tell every sink still running that the session stopped at ``end``."""
+        self._each(lambda sink: sink.on_stop(end))
+
+    def cleanup(self) -> None:
+        """Clean up every sink still running; raise :class:`SinkError` if any sink failed."""
+        active, self._active = self._active, []
+        for name, sink in active:
+            try:
+                sink.cleanup()
+            except Exception as exc:
+                self.errors[name] = exc
+                _log.error("cleanup of sink %r failed: %r", name, exc)
+        if self.errors:
+            first = next(iter(self.errors.values()))
+            raise SinkError(
+                f"{len(self.errors)} of {len(self.sinks)} sinks failed: {self._describe_errors()}"
+            ) from first
 
 
 class AudioHandlingSink(AudioSink):

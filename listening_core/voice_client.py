@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import struct
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord.voice_state import VoiceConnectionState
@@ -30,7 +29,11 @@ from discord.voice_state import VoiceConnectionState
 from .errors import ListeningError
 from .pool import AudioProcessPool
 from .receiver import AudioReceiver, ListenOptions, UserStats
-from .sinks import AudioSink
+from .sinks import AudioSink, MultiSink
+
+if TYPE_CHECKING:
+    from .hookspecs import SinkSpec
+    from .plugins import SinkRegistry
 
 _log = logging.getLogger(__name__)
 
@@ -146,7 +149,7 @@ class VoiceClient(discord.VoiceClient):
 
     def listen(
         self,
-        sink: AudioSink | str,
+        sink: AudioSink | str | Sequence[AudioSink | str],
         *,
         options: Any = None,
         after: Callable[[AudioSink, BaseException | None], Any] | None = None,
@@ -156,10 +159,12 @@ class VoiceClient(discord.VoiceClient):
         """Start receiving into ``sink`` and return it.
 
         ``sink`` is an :class:`~listening_core.sinks.AudioSink` or the name of an installed sink
-        plugin (``options`` then configure it: a dict or the plugin's options object).
-        ``after(sink, error)``, sync or async, is called exactly once, after the sink's cleanup.
-        ``pool`` lets several voice clients share decoding processes; without it the session
-        starts its own and shuts it down when it ends.
+        plugin (``options`` then configure it: a dict or the plugin's options object), or a list
+        of those: they are combined in a :class:`~listening_core.sinks.MultiSink` (returned) and
+        ``options`` maps sink names to their options. Every name and option is checked before
+        anything starts. ``after(sink, error)``, sync or async, is called exactly once, after the
+        sink's cleanup. ``pool`` lets several voice clients share decoding processes; without it
+        the session starts its own and shuts it down when it ends.
         """
         if not self.is_connected():
             raise ListeningStateError(
@@ -170,10 +175,12 @@ class VoiceClient(discord.VoiceClient):
         from .plugins import default_registry
 
         registry = default_registry()
-        spec = None
+        specs: dict[str, SinkSpec] = {}
         if isinstance(sink, str):
-            spec = registry.get(sink)
+            specs[sink] = registry.get(sink)
             sink = registry.create(sink, options)
+        elif isinstance(sink, (list, tuple)):
+            sink, specs = _build_multi(registry, sink, options)
         elif options is not None:
             raise ListeningStateError(
                 "options apply to a sink given by name; configure a sink instance directly"
@@ -184,6 +191,13 @@ class VoiceClient(discord.VoiceClient):
         if own_pool:
             pool = AudioProcessPool()
             pool.start(1)
+
+        def finished(done: AudioSink, error: BaseException | None = None) -> None:
+            if not specs:
+                registry.session_finished(done, None, error)
+            for name, spec in specs.items():
+                registry.session_finished(done[name] if isinstance(done, MultiSink) else done, spec, error)
+
         receiver = AudioReceiver(
             self,
             sink,
@@ -191,7 +205,7 @@ class VoiceClient(discord.VoiceClient):
             after=after,
             options=listen_options,
             own_pool=own_pool,
-            on_finished=functools.partial(registry.session_finished, spec=spec),
+            on_finished=finished,
         )
         self._receiver = receiver
         receiver.start()
@@ -263,3 +277,48 @@ class VoiceClient(discord.VoiceClient):
         self._reading = False  # discord.py dropped its socket listeners
         with contextlib.suppress(TimeoutError):
             await self.wait_for_listen_ready(timeout=15.0)
+
+
+def _build_multi(
+    registry: SinkRegistry, sinks: Sequence[AudioSink | str], options: Any
+) -> tuple[MultiSink, dict[str, SinkSpec]]:
+    """The :class:`MultiSink` for ``listen([...])``: every name and option is checked first."""
+    if not sinks:
+        raise ValueError("listen() was given an empty list of sinks; name at least one")
+    names = [s for s in sinks if isinstance(s, str)]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"listen() was given the sink {repeated[0]!r} twice; list each sink once")
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise ValueError(
+            "with a list of sinks, options maps sink names to their options: "
+            "options={'wav': {'directory': 'out'}}"
+        )
+    stray = [key for key in options if key not in names]
+    if stray:
+        raise ValueError(
+            f"options were given for {stray[0]!r}, which is not among the sinks listed ({', '.join(names)})"
+        )
+    specs = {name: registry.get(name) for name in names}
+    validated = {name: registry.validate_options(specs[name], options.get(name)) for name in names}
+    built: dict[str, AudioSink] = {}
+    try:
+        for item in sinks:
+            if isinstance(item, str):
+                built[item] = registry.create(item, validated[item])
+            elif isinstance(item, AudioSink):
+                key, n = type(item).__name__, 2
+                while key in built or key in specs:
+                    key, n = f"{type(item).__name__}-{n}", n + 1
+                built[key] = item
+            else:
+                raise TypeError(f"sinks must be AudioSink instances or sink names, not {type(item).__name__}")
+    except BaseException:
+        for name, made in built.items():
+            if name in specs:
+                with contextlib.suppress(Exception):
+                    made.cleanup()
+        raise
+    return MultiSink(built), specs
