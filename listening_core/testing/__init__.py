@@ -17,6 +17,7 @@ __all__ = [
     "FaultConfig",
     "FaultInjector",
     "LocalDiscord",
+    "LoopbackAddress",
     "Recording",
     "Schedule",
     "VirtualMember",
@@ -32,12 +33,14 @@ if TYPE_CHECKING:
     from .media import Schedule
     from .members import VirtualMember
     from .recording import Recording, record
+    from .remote import LoopbackAddress
     from .server import LocalDiscord
 
 _LAZY = {
     "FaultConfig": ".faults",
     "FaultInjector": ".faults",
     "LocalDiscord": ".server",
+    "LoopbackAddress": ".remote",
     "Recording": ".recording",
     "Schedule": ".media",
     "VirtualMember": ".members",

@@ -29,6 +29,7 @@ from .call import VoiceCall
 from .faults import FaultConfig
 from .main_gateway import MainGateway
 from .members import VirtualMember
+from .remote import LoopbackAddress
 from .rest import ApiError, RestApi, json_response
 from .tls import TestCertificateAuthority
 from .voice_gateway import VoiceGateway
@@ -208,6 +209,19 @@ class LocalDiscord:
     def ca_pem(self) -> bytes:
         """The throwaway CA certificate clients must trust (already in :meth:`connector`)."""
         return self._ca.ca_pem
+
+    def address(self, account: Account) -> LoopbackAddress:
+        """What a bot in another process needs to log in here as ``account``: save it with
+        :meth:`LoopbackAddress.save <listening_core.testing.remote.LoopbackAddress.save>` and
+        hand the file to the bot (``examples/record_bot.py --local FILE``)."""
+        if not self.port:
+            raise RuntimeError("start the LocalDiscord before asking for its address")
+        return LoopbackAddress(
+            port=self.port,
+            ca_pem=self.ca_pem.decode("ascii"),
+            token=account.token,
+            bot_name=account.user.name,
+        )
 
     def add_bot(self, name: str = "bot") -> Account:
         """A bot account in the guild; give its ``token`` to ``discord.Client.start``."""
