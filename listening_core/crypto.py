@@ -16,14 +16,40 @@ import logging
 import struct
 from typing import ClassVar, Protocol
 
-import davey
 import nacl.bindings
 import nacl.exceptions
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import DaveError, DecryptError, PacketError
+from .errors import DaveError, DecryptError, PacketError, _pip_install
 from .rtp import RtpHeader
+
+
+def _davey_import_error(exc: ImportError) -> ImportError:
+    """The error to raise when ``import davey`` fails: what is wrong, and the command that fixes it.
+
+    Every voice call on Discord is end-to-end encrypted (DAVE), so the receiver cannot work
+    without davey; this is raised when :class:`~listening_core.VoiceClient` (or this module) is
+    first imported. ``name`` stays ``"davey"``, so tools can tell which module is missing.
+    """
+    tail = "(`listening doctor` checks everything voice receive needs)"
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "davey":
+        return ModuleNotFoundError(
+            "listening-core needs davey to open the end-to-end encryption (DAVE) of Discord voice "
+            f"calls, and it is not installed: {_pip_install('davey')} {tail}",
+            name="davey",
+        )
+    return ImportError(
+        f"davey is installed but cannot be imported ({type(exc).__name__}: {exc}); reinstall it: "
+        f"{_pip_install('davey', reinstall=True)} {tail}",
+        name="davey",
+    )
+
+
+try:
+    import davey
+except ImportError as _exc:
+    raise _davey_import_error(_exc) from _exc
 
 __all__ = [
     "DAVE_MAGIC",
@@ -259,11 +285,17 @@ class DaveSessionLike(Protocol):
     """The part of :class:`davey.DaveSession` the gate uses."""
 
     @property
-    def ready(self) -> bool: ...
+    def ready(self) -> bool:
+        """Whether the session holds the MLS group's keys (it can decrypt)."""
+        ...
 
-    def decrypt(self, user_id: int, media_type: davey.MediaType, packet: bytes) -> bytes: ...
+    def decrypt(self, user_id: int, media_type: davey.MediaType, packet: bytes) -> bytes:
+        """Open one DAVE frame from ``user_id``; raise :class:`ValueError` when it does not open."""
+        ...
 
-    def can_passthrough(self, user_id: int) -> bool: ...
+    def can_passthrough(self, user_id: int) -> bool:
+        """Whether a plain (not DAVE-encrypted) frame from ``user_id`` is accepted right now."""
+        ...
 
 
 def is_dave_frame(frame: _Buffer) -> bool:

@@ -9,6 +9,7 @@ as a drop-counter key; such errors are expected on a live connection and are not
 from __future__ import annotations
 
 import logging
+import re
 
 __all__ = ["DaveError", "DecryptError", "ListeningError", "PacketError"]
 
@@ -45,3 +46,49 @@ class DaveError(DecryptError):
     after the pending commit/welcome is processed), ``"unencrypted"`` (a plain frame while the
     sender's passthrough is off: drop it), ``"dave-failed"`` (anything else: drop it).
     """
+
+
+# ------------------------------------------------- fixes named in messages (private, shared)
+
+
+def _normalise(name: str) -> str:
+    """A distribution name in its comparable form (PEP 503): ``Discord_py`` -> ``discord-py``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement(display: str) -> str:
+    """``display`` (a distribution name) with the version range listening-core requires, if any.
+
+    Read from listening-core's installed metadata, so messages never disagree with what pip
+    would install alongside it.
+
+    ``"davey"`` -> ``"davey>=0.1.7,<0.2"``; ``"discord.py"`` -> ``"discord.py[voice]>=2.7.1,<2.8"``.
+    """
+    import importlib.metadata  # here: worker processes import this module and never need it
+
+    try:
+        requires = importlib.metadata.requires("listening-core") or []
+    except importlib.metadata.PackageNotFoundError:
+        return display
+    for requirement in requires:
+        text = requirement.split(";")[0].strip()
+        if requirement != text and "extra" in requirement.split(";", 1)[1]:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)\s*(\[[^\]]*\])?\s*(.*)", text)
+        if match is None or _normalise(match.group(1)) != _normalise(display):
+            continue
+        specifiers = [s.strip() for s in match.group(3).split(",") if s.strip()]
+        specifiers.sort(key=lambda s: not s.startswith((">", "~", "=")))  # lower bound first
+        return f"{display}{match.group(2) or ''}{','.join(specifiers)}"
+    return display
+
+
+def _pip_install(display: str, *, reinstall: bool = False) -> str:
+    """The command that installs distribution ``display`` in the range listening-core requires,
+    quoted for a shell when it needs to be: ``pip install "davey>=0.1.7,<0.2"``.
+
+    Shared by the errors raised at runtime and ``listening doctor``, so both name the same fix.
+    """
+    requirement = _requirement(display)
+    quoted = f'"{requirement}"' if re.search(r"[<>=!~\[,]", requirement) else requirement
+    return f"pip install {'--force-reinstall ' if reinstall else ''}{quoted}"

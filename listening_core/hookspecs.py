@@ -1,59 +1,217 @@
 """The plugin contract: everything a third-party sink author needs to read.
 
-A sink plugin is a plain module with :data:`hookimpl`-decorated functions, found through the
-``listening_core.sinks`` entry-point group. A distribution declares it in its ``pyproject.toml``::
+A *sink* receives the audio of a listening session (:class:`~listening_core.sinks.AudioSink`).
+A *sink plugin* is a module whose functions, decorated with :data:`hookimpl`, implement the
+hooks of this module; through :func:`listening_sinks` it provides sinks that bots choose by name::
+
+    vc.listen("frame-count", options={"path": "counts.json"})
+
+Declaring a plugin, names and conflicts
+=======================================
+
+A distribution declares its plugin module in the ``listening_core.sinks`` entry-point group
+(:data:`ENTRY_POINT_GROUP`) of its ``pyproject.toml``::
 
     [project.entry-points."listening_core.sinks"]
-    mp3 = "listening_sink_mp3.plugin"
+    frame-count = "listening_sink_frame_count"
 
-and the module names the sinks it provides::
+The value names the module holding the hook implementations (or ``module:object``, an object
+holding them); the entry point's name, by convention the sink's name, names the plugin in
+messages. Name the distribution ``listening-sink-<sink name>``: when a bot asks for a sink that
+is not installed, the error says ``pip install listening-sink-<name>`` (and lists the sinks that
+are installed).
+
+The registry (:mod:`listening_core.plugins`) loads every entry point of the group once per
+process, on first use (the first ``vc.listen``, ``listening plugins`` or ``listening doctor``).
+Plugins do not stop each other:
+
+- a plugin that cannot be imported, or that is refused (see *When a plugin is refused* below),
+  is logged as a warning and recorded in :attr:`SinkRegistry.failures
+  <listening_core.plugins.SinkRegistry.failures>`; its sinks are unavailable, and asking for
+  one raises :class:`~listening_core.plugins.UnknownSinkError` saying why. ``listening doctor``
+  and ``listening plugins`` show it, with the fix;
+- a sink name that two installed plugins provide is unusable until one of them is
+  uninstalled: asking for it raises :class:`~listening_core.plugins.PluginConflictError`
+  naming both distributions (a warning is logged when they load); their other sinks work. A
+  plugin registered in code (:meth:`SinkRegistry.register
+  <listening_core.plugins.SinkRegistry.register>`, for tests) that would clash is refused
+  with that error instead, and nothing of it is registered;
+- two entry points of the same name from different distributions are both loaded, the second
+  under the plugin name ``"<distribution>:<name>"``; two entry points naming the same module
+  load it once.
+
+A minimal plugin
+================
+
+The whole module ``listening_sink_frame_count``: a sink that counts each user's frames and
+writes the counts to a JSON file at the end::
 
     from __future__ import annotations
 
+    import collections
+    import json
     from dataclasses import dataclass, field
     from pathlib import Path
 
     from listening_core.hookspecs import SinkSpec, hookimpl
+    from listening_core.sinks import AudioFrame, AudioSink
 
 
     @dataclass(frozen=True)
-    class Mp3Options:
-        directory: Path = field(default=Path("recordings"), metadata={"help": "where files go"})
-        bitrate: int = field(default=128, metadata={"help": "kbit/s"})
+    class CountOptions:
+        path: Path = field(default=Path("counts.json"), metadata={"help": "where the counts go"})
+        min_frames: int = field(default=1, metadata={"help": "leave out users with fewer frames"})
 
         def __post_init__(self) -> None:
-            if self.bitrate <= 0:
-                raise ValueError(f"bitrate must be positive, got {self.bitrate}")
+            if self.min_frames < 0:
+                raise ValueError(f"min_frames must be at least 0, got {self.min_frames}")
+
+
+    class CountSink(AudioSink):
+        wants_pcm = False  # it only counts: the session need not decode anything
+
+        def __init__(self, options: CountOptions) -> None:
+            self.options = options
+            self.frames: collections.Counter[int] = collections.Counter()
+
+        def on_audio(self, frame: AudioFrame) -> None:
+            self.frames[frame.user_id] += 1
+
+        def cleanup(self) -> None:
+            counts = {str(user): n for user, n in self.frames.items() if n >= self.options.min_frames}
+            self.options.path.write_text(json.dumps(counts))
 
 
     @hookimpl
     def listening_sinks() -> list[SinkSpec]:
-        return [SinkSpec("mp3", Mp3Sink, Mp3Options, "one MP3 file per speaker")]
+        return [SinkSpec("frame-count", CountSink, CountOptions, "frames per user, as JSON", wants_pcm=False)]
 
-A bot then records with ``vc.listen(sink="mp3", options={"bitrate": 192})``. The registry
-(:mod:`listening_core.plugins`) checks the options against the annotations of ``Mp3Options``
-(converting ``str`` to ``Path`` and ``int`` to ``float`` where the annotation asks for it),
-builds an ``Mp3Options`` instance (so ``__post_init__`` runs) and calls ``Mp3Sink(options)``.
+A bot then records with ``vc.listen("frame-count", options={"path": "out/counts.json"})``. The
+registry checks the options against the annotations of ``CountOptions`` (converting the ``str``
+to a ``Path``), builds a ``CountOptions`` (so ``__post_init__`` runs), calls
+``CountSink(options)`` and hands the sink to the session. A typo such as
+``{"min_frame": 2}`` raises ``sink 'frame-count' has no option 'min_frame' (did you mean
+'min_frames'?)``, followed by every valid option with its type, default and help.
 
-Rules for the options class, checked when the plugin is loaded:
+The hooks
+=========
+
+- :func:`listening_sinks`: the sinks the plugin provides (most plugins implement only this);
+- :func:`listening_sink_created`: observe each sink the registry builds by name;
+- :func:`listening_session_finished`: observe the end of each listening session.
+
+Implement them as functions of the plugin module named like the hook and decorated with
+``@hookimpl``; an implementation may take any subset of the hook's arguments (by name). A
+plugin must implement at least one hook, and a decorated function whose name is not a hook
+gets the plugin refused (with a did-you-mean), unless it is marked
+``@hookimpl(optionalhook=True)``. Hooks are called in the main process only, never in a decode
+worker process.
+
+SinkSpec
+========
+
+:func:`listening_sinks` returns :class:`SinkSpec` objects: ``name`` (matching
+:data:`SINK_NAME_RE`: lower-case letters, digits and ``-``), ``factory`` (called with the
+options object; returns a new sink), ``options`` (the options class), ``summary`` (one line,
+for listings and errors) and ``wants_pcm``. ``distribution`` and ``version`` are filled in by
+the registry. The constructor checks the fields, and that the options class is a frozen
+dataclass with a default for every field, and raises :class:`TypeError` or
+:class:`ValueError` with what to fix.
+
+The options class
+=================
+
+Checked when the plugin is loaded:
 
 - a frozen :func:`~dataclasses.dataclass` with a default for every field, so ``options=None``
-  means "all defaults";
-- annotations resolvable with :func:`typing.get_type_hints` from the module's globals (define
-  the class and the types it names at module level; ``from __future__ import annotations`` is
-  fine). Supported and checked: ``int`` (``bool`` is rejected), ``float`` (``int`` accepted),
-  ``str``, ``bool``, :class:`pathlib.Path` (``str`` accepted), ``Literal[...]``, enums (a member,
-  its value or its name), ``X | None``, ``tuple[...]``, ``list[...]`` and ``dict[...]`` of those,
-  and ``Callable`` (any callable). Other classes are checked with ``isinstance``;
-- picklable: module-level class, picklable field values. A ``Callable`` option holding a lambda
-  or a closure makes the options object unpicklable; that is allowed, but such a sink cannot be
-  handed to another process;
-- ``field(metadata={"help": "..."})`` gives the one-line help that ``listening plugins`` shows;
-- ``__post_init__`` may raise :class:`ValueError` for values that are well-typed but invalid;
-  name the option in the message (``"bitrate must be positive"``) and the error the user sees
-  will point at it.
+  means "all defaults" (an empty one for a sink without options);
+- defined at module level (not inside a function: its instances must pickle), with annotations
+  resolvable with :func:`typing.get_type_hints` from the module's globals (define the types it
+  names at module level, not under ``if TYPE_CHECKING:``; ``from __future__ import annotations``
+  is fine). Supported and checked: ``int`` (``bool`` is rejected), ``float`` (``int``
+  accepted), ``str``, ``bool``, :class:`pathlib.Path` (``str`` accepted), ``Literal[...]``,
+  enums (a member, its value or its name), ``X | None``, ``tuple[...]``, ``list[...]`` and
+  ``dict[...]`` of those, and ``Callable`` (any callable). Other classes are checked with
+  ``isinstance``;
+- picklable field values. A ``Callable`` option holding a lambda or a closure makes the options
+  object unpicklable; that is allowed, but such a sink cannot be handed to another process;
+- its default options must pass the checks below: a plugin whose defaults fail is refused.
 
-Hooks are called in the main process only (never in a decode worker process).
+``field(metadata={"help": "..."})`` gives the one-line help that ``listening plugins`` and the
+option errors show.
+
+How options are checked (:func:`listening_core.plugins.validate_options`, which ``vc.listen``
+calls): a bot gives ``None`` (all defaults), a ``dict`` or an instance of the class. Each value
+is checked against its field's annotation and converted where that is lossless (``str`` →
+``Path``, ``int`` → ``float``, ``list`` → ``tuple``, an enum's value or name → the member);
+then the class is built from them, so ``__post_init__`` runs. Every problem raises
+:class:`~listening_core.plugins.OptionsError` (a :class:`ValueError`; its ``sink`` and
+``option`` attributes say where) from ``vc.listen``:
+
+- an unknown option name: the name, the nearest valid names (did you mean ...?) and the list
+  of valid options with their types, defaults and help;
+- a value of the wrong type: the option, the type expected and the value given;
+- ``__post_init__`` raising :class:`ValueError` or :class:`TypeError` for values that are
+  well-typed but invalid: its message, prefixed with the sink, and with the option when the
+  message names exactly one option (so name it: ``"min_frames must be at least 0"``). Raising
+  :class:`~listening_core.plugins.OptionsError` with ``option=`` names it explicitly.
+
+A sink's life, and which thread calls what
+==========================================
+
+For each listening session, in this order:
+
+1. ``spec.factory(options)`` builds the sink inside ``vc.listen``, on the thread that called it
+   (the bot's event-loop thread): keep it quick, though it may create directories or open
+   files. It must return a new :class:`~listening_core.sinks.AudioSink` instance (``vc.listen``
+   refuses anything else with :class:`TypeError`) whose ``wants_pcm`` is the spec's. An
+   exception from the factory propagates out of ``vc.listen``, with a note naming the sink and
+   its plugin. Then :func:`listening_sink_created` is called.
+2. ``on_start(session)``, once, still on the thread that called ``vc.listen``, before any
+   frame: a :class:`~listening_core.sinks.SessionInfo` (guild, channel, wall-clock start).
+3. ``on_audio(frame)`` for every 20 ms :class:`~listening_core.sinks.AudioFrame` of every
+   user, in order per user (a frame lost in transit comes rebuilt from FEC or concealed: see
+   ``frame.kind``), and ``on_rtcp(packet)`` for every RTCP packet; then ``on_stop(end)``,
+   once, after the last frame, with the session's last sample; then ``cleanup()``, exactly
+   once. All of these are called on the session's delivery thread
+   (``listening-core-delivery-<channel id>``), one call at a time, so a sink needs no lock for
+   its own state; it is neither the event loop's thread nor the socket reader's, so do not touch
+   asyncio objects directly (use ``loop.call_soon_threadsafe``). A slow sink delays only its own
+   delivery, never reception: frames wait for it in a queue, which grows meanwhile.
+4. After ``cleanup()`` returned: :func:`listening_session_finished`, on the session's receiver
+   thread (``listening-core-receiver-<channel id>``); then ``after(sink, error)``, the callback
+   given to ``vc.listen``, on the event loop.
+
+Exceptions: one raised by ``on_start``, ``on_audio``, ``on_rtcp`` or ``on_stop`` is logged at
+ERROR and stops the sink: it gets no further calls but ``cleanup()``, which is always called,
+and the session ends. The first exception of the session (``cleanup()``'s included) is the
+``error`` given to :func:`listening_session_finished` and to ``after``; ``vc.listen`` has
+returned long before, so ``after`` is where a bot hears of it. ``cleanup()`` should therefore
+close what the sink opened whatever state it is in.
+
+wants_pcm
+=========
+
+``True`` (the default, on :class:`SinkSpec` and on :class:`~listening_core.sinks.AudioSink`):
+``frame.pcm`` is the decoded audio, 48 kHz stereo signed 16-bit little-endian, 3840 bytes per
+frame, decoded in worker processes; ``frame.opus`` also holds the packet of a received frame.
+``False``: the session decodes nothing and starts no worker process; ``frame.pcm`` is
+``None`` and ``frame.opus`` is the Opus packet as received (end-to-end decrypted) for a received
+frame, ``None`` for a lost one (``FrameKind.FEC`` or ``FrameKind.PLC``). Set the class
+attribute ``wants_pcm`` on the sink class and the same value in the :class:`SinkSpec`: the
+session reads the sink's, tools read the spec's without building a sink, and the registry
+refuses (after cleaning it up) a new sink whose value disagrees.
+
+When a plugin is refused
+========================
+
+When it is loaded (:class:`~listening_core.plugins.InvalidPluginError`; recorded, not raised,
+for installed plugins; raised by :meth:`SinkRegistry.register
+<listening_core.plugins.SinkRegistry.register>`): it implements no hook, or decorates a
+function that is not a hook; :func:`listening_sinks` raises, returns something other than a
+list of :class:`SinkSpec`, or names one sink twice; a :class:`SinkSpec` or its options class
+breaks the rules above. When a sink is built (raised by ``vc.listen``): the factory returns an
+object without ``on_audio`` and ``cleanup``, or one whose ``wants_pcm`` disagrees with the spec.
 """
 
 from __future__ import annotations
@@ -109,7 +267,9 @@ class SinkSpec:
     """The name users select it by: ``vc.listen(sink=name)``; must match :data:`SINK_NAME_RE`."""
     factory: Callable[[Any], AudioSink]
     """Called with the validated options object (an instance of :attr:`options`); returns a new
-    :class:`~listening_core.sinks.AudioSink` for one listening session. Usually the sink class."""
+    :class:`~listening_core.sinks.AudioSink` for one listening session. Usually the sink class
+    (or a classmethod such as :meth:`AudioFileSink.from_options
+    <listening_core.sinks.AudioFileSink.from_options>`). Called in ``vc.listen``, on its thread."""
     options: type[Any]
     """The options class: a frozen dataclass with a default for every field (see the module
     docstring for the supported annotations)."""
@@ -167,8 +327,8 @@ def _check_options_class(sink: str, cls: object) -> None:
 def listening_sinks() -> list[SinkSpec]:  # type: ignore[empty-body]
     """Return the sinks this plugin provides.
 
-    **When:** once per plugin, when the registry loads it: on the first
-    ``vc.listen(sink="<name>")`` or ``listening plugins`` in a process (through
+    **When:** once per plugin, when the registry loads it: on the first ``vc.listen`` (whatever
+    its sink), ``listening plugins`` or ``listening doctor`` in a process (through
     :func:`listening_core.plugins.default_registry`), or when a test calls
     :meth:`~listening_core.plugins.SinkRegistry.register`. Called in the main process, on the
     thread that triggered the load (often the event-loop thread): do no I/O and start nothing
@@ -207,13 +367,18 @@ def listening_sink_created(sink: AudioSink, spec: SinkSpec, options: Any) -> Non
 def listening_session_finished(sink: AudioSink, spec: SinkSpec | None, error: BaseException | None) -> None:
     """Observe the end of a listening session.
 
-    **When:** once per session, after ``sink.cleanup()`` has returned (its files are complete),
-    in the main process, on the thread that ended the session (normally the event-loop thread):
-    keep it short; hand uploads or conversions to a thread or a task of your own.
+    **When:** once per session, after ``sink.cleanup()`` has returned (its files are complete)
+    and before the ``after`` callback given to ``vc.listen``; in the main process, on the
+    session's receiver thread (``listening-core-receiver-<channel id>``), not the event loop's:
+    keep it short, hand uploads or conversions to a thread of your own, and reach asyncio
+    objects only through ``loop.call_soon_threadsafe``. Called for every session, whether its
+    sink was built by name or passed to ``vc.listen`` as an instance.
 
     **Arguments** (implement any subset): ``sink``, the session's sink; ``spec``, its
     :class:`SinkSpec`, or ``None`` for a sink instance passed to ``vc.listen`` directly;
-    ``error``, the exception that ended the session, or ``None`` for a normal stop.
+    ``error``, the sink's first exception (from ``on_start``, ``on_audio``, ``on_rtcp``,
+    ``on_stop`` or ``cleanup``; it ended the session), or ``None`` when the session was stopped
+    (``stop_listening``, ``disconnect``).
 
     **Return:** ``None``. Exceptions are logged and otherwise ignored: the session is already
     over.

@@ -37,7 +37,8 @@ LIBOPUS_ENV = "LISTENING_CORE_LIBOPUS"
 
 _INSTALL_HINT = (
     "install libopus: `apt-get install libopus0` (Debian/Ubuntu), `dnf install opus` (Fedora/RHEL), "
-    f"`brew install opus` (macOS); or set {LIBOPUS_ENV} to the path of libopus"
+    f"`brew install opus` (macOS); or set {LIBOPUS_ENV} to the path of libopus "
+    "(`listening doctor` checks it)"
 )
 
 # opus_defines.h

@@ -8,7 +8,13 @@ decoder in order, and speakers are decoded in parallel. One pool may serve many 
 
 A worker that dies is noticed by the result thread: the futures of the batches it had in flight
 fail with :class:`WorkerDied` (the receiver conceals those frames, so timelines stay aligned),
-its streams stay pinned to its slot and a new worker takes the slot on the next submit.
+its streams stay pinned to its slot and a new worker takes the slot on the next submit. A batch
+a worker could not decode at all (libopus missing in the worker, a bug) fails its future with
+the worker's exception, logged at ERROR once per message; the worker stays.
+
+libopus is loaded in the calling process when the pool is made, so a machine without it gets
+:class:`~listening_core.opus.LibopusNotFound`, with the command that installs it, from
+``AudioProcessPool()`` (and so from ``vc.listen``), not a session of concealed silence.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ListeningError
+from .opus import load_libopus
 from .unpacker import CLOSE, AudioUnpacker, DecodeAnswer, DecodeJob
 
 _log = logging.getLogger(__name__)
@@ -59,11 +66,15 @@ class AudioProcessPool:
 
     ``max_workers`` defaults to the number of CPUs. Use as a context manager or call
     :meth:`shutdown`; a pool that ``listen`` made for itself is shut down with the session.
+
+    Raises :class:`~listening_core.opus.LibopusNotFound` (saying how to install libopus) when
+    libopus cannot be loaded: the workers load it the same way and could not decode anything.
     """
 
     def __init__(self, max_workers: int | None = None) -> None:
         if max_workers is not None and max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        load_libopus()  # here, in the caller, before any process or pipe exists
         self.max_workers = max_workers or os.cpu_count() or 1
         self._workers = [_Worker(i) for i in range(self.max_workers)]
         self._pins: dict[Hashable, int] = {}
@@ -73,7 +84,9 @@ class AudioProcessPool:
         self._stopped_collecting = False
         self._result_thread: threading.Thread | None = None
         self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
+        self._reported: set[str] = set()
         self.restarts = 0
+        """Workers replaced after they died, over the pool's life."""
 
     def __enter__(self) -> AudioProcessPool:
         return self
@@ -239,7 +252,17 @@ class AudioProcessPool:
                 _log.error("decoding worker %d answered batch %s out of order", w.index, batch_id)
                 return
             _, future = w.pending.popleft()
-        future.set_result(answers)
+        if not isinstance(answers, BaseException):
+            future.set_result(answers)
+            return
+        # the worker could not decode this batch at all (libopus missing there...): say it once
+        report = f"{type(answers).__name__}: {answers}"
+        with self._lock:
+            first = report not in self._reported and len(self._reported) < 100
+            self._reported.add(report)
+        if first:
+            _log.error("decoding worker %d could not decode a batch: %s", w.index, report)
+        future.set_exception(answers)
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -79,6 +79,7 @@ class Resampler:
 
     @property
     def passthrough(self) -> bool:
+        """Whether the two rates are equal: samples then pass through unchanged (no filter, no delay)."""
         return self.in_rate == self.out_rate
 
     def output_length(self, samples_in: int) -> int:

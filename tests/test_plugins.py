@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from listening_core import plugins
+from listening_core import hookspecs, plugins
 from listening_core.errors import ListeningError
 from listening_core.hookspecs import ENTRY_POINT_GROUP, SinkSpec, hookimpl
 from listening_core.plugins import (
@@ -791,3 +791,107 @@ def test_no_module_level_state() -> None:
     assert plugins.KNOWN_DISTRIBUTIONS["vad-segments"] == "listening-sink-vad"
     with pytest.raises(TypeError):
         plugins.KNOWN_DISTRIBUTIONS["x"] = "y"  # type: ignore[index]
+
+
+# ------------------------------------------------------------ the contract, as hookspecs documents it
+
+
+def _literal_blocks(doc: str) -> list[str]:
+    """The reST literal blocks (after a line ending in ``::``) of a docstring, dedented."""
+    import textwrap
+
+    blocks: list[str] = []
+    lines = doc.splitlines()
+    for index, line in enumerate(lines):
+        if not line.rstrip().endswith("::"):
+            continue
+        body: list[str] = []
+        for follow in lines[index + 1 :]:
+            if follow.strip() and not follow.startswith(" "):
+                break
+            body.append(follow)
+        blocks.append(textwrap.dedent("\n".join(body)).strip("\n") + "\n")
+    return blocks
+
+
+def _documented_example() -> str:
+    [example] = [block for block in _literal_blocks(hookspecs.__doc__ or "") if "@hookimpl" in block]
+    return example
+
+
+@pytest.fixture
+def documented_plugin() -> Iterator[types.ModuleType]:
+    """The minimal plugin of hookspecs' docstring, as the module it says it is."""
+    name = "listening_sink_frame_count"
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # get_type_hints resolves the annotations through it
+    try:
+        exec(compile(_documented_example(), f"<{name}>", "exec"), module.__dict__)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_documented_example_is_a_working_plugin(documented_plugin: types.ModuleType, tmp_path: Path) -> None:
+    from listening_core.sinks import AudioFrame, AudioSink, FrameKind, SessionInfo
+
+    registry = SinkRegistry(entry_points=lambda: ())
+    registry.register(documented_plugin, name="frame-count")
+    spec = registry.get("frame-count")
+    assert spec.wants_pcm is False
+    assert [(info.name, info.type_str) for info in describe(spec)] == [
+        ("path", "Path"),
+        ("min_frames", "int"),
+    ]
+
+    target = tmp_path / "counts.json"
+    sink = registry.create("frame-count", {"path": str(target)})  # str converted to Path, as it says
+    assert isinstance(sink, AudioSink) and sink.wants_pcm is False
+    sink.on_start(SessionInfo(guild_id=1, channel_id=2, started_at=0.0))
+    for sequence in range(3):
+        sink.on_audio(
+            AudioFrame(7, 1, sequence, 960 * sequence, 960 * sequence, FrameKind.RECEIVED, opus=b"x")
+        )
+    sink.on_stop(3 * 960)
+    sink.cleanup()
+    assert target.read_text() == '{"7": 3}'
+
+
+def test_documented_example_errors_are_as_documented(documented_plugin: types.ModuleType) -> None:
+    registry = SinkRegistry(entry_points=lambda: ())
+    registry.register(documented_plugin, name="frame-count")
+    with pytest.raises(OptionsError) as info:
+        registry.create("frame-count", {"min_frame": 2})
+    first = str(info.value).splitlines()[0]
+    assert first == "sink 'frame-count' has no option 'min_frame' (did you mean 'min_frames'?)"
+    assert f"``{first}``" in " ".join((hookspecs.__doc__ or "").split())  # the message it quotes
+    with pytest.raises(OptionsError, match="min_frames must be at least 0") as bad:
+        registry.create("frame-count", {"min_frames": -1})
+    assert bad.value.option == "min_frames"
+
+
+def test_documented_entry_point_group_is_the_registry_s() -> None:
+    [declaration] = [block for block in _literal_blocks(hookspecs.__doc__ or "") if "[project." in block]
+    table = tomllib.loads(declaration)
+    assert list(table["project"]["entry-points"]) == [ENTRY_POINT_GROUP]
+    assert SinkRegistry()._group == ENTRY_POINT_GROUP
+
+
+def test_contract_documents_every_hook_and_spec_field() -> None:
+    doc = " ".join((hookspecs.__doc__ or "").split())
+    hooks = [name for name in plugins._HOOK_NAMES]
+    specs = [
+        name
+        for name, obj in vars(hookspecs).items()
+        if callable(obj) and hasattr(obj, f"{hookspecs.PROJECT_NAME}_spec")
+    ]
+    assert sorted(specs) == sorted(hooks)
+    for hook in hooks:
+        assert f":func:`{hook}`" in doc, hook
+        assert (getattr(hookspecs, hook).__doc__ or "").strip(), hook
+    for spec_field in dataclasses.fields(SinkSpec):
+        assert f"``{spec_field.name}``" in doc, spec_field.name
+    for method in ("on_start", "on_audio", "on_rtcp", "on_stop", "cleanup"):
+        assert f"``{method}(" in doc, method
+    for topic in ("wants_pcm", "thread", "after", "ENTRY_POINT_GROUP", "PluginConflictError", "OptionsError"):
+        assert topic in doc, topic
