@@ -4,8 +4,9 @@ The receiver (in the bot's process) opens, attributes, DAVE-decrypts and orders 
 decides for each lost frame whether it is rebuilt from FEC or concealed; it then sends each
 worker batches of decode jobs. A worker keeps one Opus decoder per stream (a speaker's SSRC in
 one session): the receiver pins each stream to one worker, so a decoder always sees its frames in
-order. Jobs and answers cross the pipe as plain tuples of ints and bytes; nothing that came from
-the network is ever unpickled.
+order. Jobs and answers cross the pipe as plain tuples of ints and bytes (and, for a batch the
+worker could not decode at all, the worker's own exception); nothing that came from the network
+is ever unpickled.
 
 This module is imported by the worker processes: it stays light (no discord.py import).
 """
@@ -16,11 +17,16 @@ import logging
 import multiprocessing.connection
 import multiprocessing.context
 import os
+import pickle
 import signal
+import threading
 from collections.abc import Hashable
 from typing import Any
 
 _log = logging.getLogger(__name__)
+
+# Serialises AudioUnpacker starts while they swap multiprocessing.spawn.get_preparation_data.
+_SPAWN_LOCK = threading.Lock()
 
 __all__ = ["CLOSE", "CONCEALED", "DECODE", "FAILED", "FEC", "OK", "PLC", "AudioUnpacker", "DecodeJob"]
 
@@ -75,6 +81,17 @@ class AudioUnpacker(multiprocessing.context.SpawnProcess):
     socket reader) that ``fork`` would copy in an unsafe state. Receives ``(batch_id, jobs)`` on
     its pipe and answers ``(batch_id, answers)`` in the same order; ``None`` asks it to stop. It
     ends by itself when the pipe closes (its pool is gone).
+
+    The worker does not import the bot's main script (``spawn`` normally re-runs it as
+    ``__mp_main__``): a bot written as a plain script that ends in ``bot.run(TOKEN)`` without an
+    ``if __name__ == "__main__":`` guard would otherwise log in a second time from every worker.
+    Only this module and what it imports run in the worker.
+
+    A batch it cannot decode at all (libopus cannot be loaded here:
+    :class:`~listening_core.opus.LibopusNotFound`, whose message names the fix; or a bug) is
+    answered ``(batch_id, exception)``, and the worker goes on: the pool fails that batch's future
+    with the exception. Anything else that goes wrong is logged with its traceback before the
+    worker exits with status 1.
     """
 
     def __init__(self, conn: multiprocessing.connection.Connection, index: int) -> None:
@@ -82,10 +99,32 @@ class AudioUnpacker(multiprocessing.context.SpawnProcess):
         self._conn = conn
         self.index = index
 
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        """Start the process with ``spawn``, leaving the main module out of what the child prepares."""
+        from multiprocessing import spawn
+
+        with _SPAWN_LOCK:
+            original = spawn.get_preparation_data
+
+            def without_main(name: str) -> dict[str, Any]:
+                data: dict[str, Any] = original(name)
+                data.pop("init_main_from_path", None)
+                data.pop("init_main_from_name", None)
+                return data
+
+            spawn.get_preparation_data = without_main
+            try:
+                return multiprocessing.context.SpawnProcess._Popen(process_obj)
+            finally:
+                spawn.get_preparation_data = original
+
     def run(self) -> None:
+        """The worker's loop: answer batches until ``None`` arrives or the pipe closes."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bot handles Ctrl-C; the pool stops us
         conn = self._conn
         decoders: dict[Any, Any] = {}
+        status = 0
         try:
             while True:
                 try:
@@ -95,11 +134,29 @@ class AudioUnpacker(multiprocessing.context.SpawnProcess):
                 if message is None:
                     break
                 batch_id, jobs = message
-                conn.send((batch_id, decode_batch(decoders, jobs)))
+                try:
+                    answer: list[DecodeAnswer] | BaseException = decode_batch(decoders, jobs)
+                except Exception as exc:  # e.g. LibopusNotFound: the pool hands it to the receiver
+                    answer = _portable(exc)
+                conn.send((batch_id, answer))
         except (BrokenPipeError, EOFError, OSError):
             pass
+        except BaseException:
+            _log.critical("decoding worker %d failed", self.index, exc_info=True)
+            status = 1
         finally:
             for decoder in decoders.values():
                 decoder.close()
             conn.close()
-            os._exit(0)  # skip interpreter teardown: nothing else to flush here
+            os._exit(status)  # skip interpreter teardown: nothing else to flush here
+
+
+def _portable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling (to cross the pipe), else a :class:`ListeningError` with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        from .errors import ListeningError
+
+        return ListeningError(f"{type(exc).__name__}: {exc}")
+    return exc
