@@ -40,6 +40,7 @@ from pathlib import PurePath
 from typing import Any, Literal
 
 from . import __version__
+from .errors import _pip_install
 from .hookspecs import ENTRY_POINT_GROUP, SinkSpec
 from .opus import LIBOPUS_ENV, LibopusNotFound, libopus_version, load_libopus
 from .plugins import (
@@ -145,38 +146,6 @@ def _wrap_message(text: str) -> str:
         hang = dash + 3 if 0 <= dash < WIDTH // 2 else lead + 2
         lines.extend(_wrap(line[lead:], hang, first=line[:lead]))
     return "\n".join(lines)
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _requirement(display: str) -> str:
-    """``display`` (a distribution name) with the version range listening-core requires, if any.
-
-    ``"davey"`` -> ``"davey>=0.1.7,<0.2"``; ``"discord.py"`` -> ``"discord.py[voice]>=2.7.1,<2.8"``.
-    """
-    try:
-        requires = importlib.metadata.requires("listening-core") or []
-    except importlib.metadata.PackageNotFoundError:
-        return display
-    for requirement in requires:
-        text = requirement.split(";")[0].strip()
-        if requirement != text and "extra" in requirement.split(";", 1)[1]:
-            continue
-        match = re.fullmatch(r"([A-Za-z0-9._-]+)\s*(\[[^\]]*\])?\s*(.*)", text)
-        if match is None or _normalise(match.group(1)) != _normalise(display):
-            continue
-        specifiers = [s.strip() for s in match.group(3).split(",") if s.strip()]
-        specifiers.sort(key=lambda s: not s.startswith((">", "~", "=")))  # lower bound first
-        return f"{display}{match.group(2) or ''}{','.join(specifiers)}"
-    return display
-
-
-def _pip_install(display: str, *, reinstall: bool = False) -> str:
-    requirement = _requirement(display)
-    quoted = f'"{requirement}"' if re.search(r"[<>=!~\[,]", requirement) else requirement
-    return f"pip install {'--force-reinstall ' if reinstall else ''}{quoted}"
 
 
 def _sudo() -> str:
@@ -470,6 +439,7 @@ class CheckResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the check passed (``status == "ok"``); anything else comes with a :attr:`fix`."""
         return self.status == "ok"
 
 
@@ -731,10 +701,11 @@ def doctor(checks: Sequence[Check] | None = None, *, registry: SinkRegistry | No
 # ---------------------------------------------------------------------------------------- demo
 
 
-def cmd_demo() -> int:
-    """``listening demo``: not written yet."""
-    print("listening demo: the demo has not been written yet, so there is nothing to run.", file=sys.stderr)
-    return EXIT_USAGE
+def cmd_demo(argv: Sequence[str]) -> int:
+    """``listening demo``: see :mod:`listening_core.demo`."""
+    from .demo import main as demo_main
+
+    return demo_main(list(argv))
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -768,7 +739,20 @@ def build_parser(prog: str = "listening") -> argparse.ArgumentParser:
         description="Check everything voice receive needs; print one line per check and, for "
         "anything not ok, the fix. Exit status 0 when all is ok, 1 otherwise.",
     )
-    commands.add_parser("demo", help="the demo (not written yet)", description="Not written yet.")
+    demo = commands.add_parser(
+        "demo",
+        help="the demo: a loopback Discord where the example bot records four members",
+        description="Start a loopback Discord where three virtual members and a discord.py client "
+        "speak (2 %% loss, jitter), run examples/record_bot.py against it with six sinks, show "
+        "progress live and check every file. Writes recordings/<session>/.",
+    )
+    demo.add_argument(
+        "--output", default="recordings", help="where the session folder goes (default: recordings)"
+    )
+    demo.add_argument(
+        "--bot", help="the example bot to run (default: examples/record_bot.py of this checkout)"
+    )
+    demo.add_argument("--seed", type=int, default=2026, help="seed of the simulated network faults")
     return parser
 
 
@@ -811,7 +795,8 @@ def main(
         if args.command == "doctor":
             return _flushed(doctor(checks, registry=registry))
         if args.command == "demo":
-            return _flushed(cmd_demo())
+            demo_args = ["--output", args.output, "--seed", str(args.seed)]
+            return _flushed(cmd_demo(demo_args + (["--bot", args.bot] if args.bot else [])))
     except BrokenPipeError:  # `listening plugins | head`: the reader left; stop quietly
         with contextlib.suppress(Exception):
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -5,6 +5,11 @@
 End-to-end runs go through ``python -m listening_core`` in a subprocess, against the sinks
 installed in this environment; the rest call ``main([...])`` with an injected registry or
 injected checks and read the output with capsys.
+
+The problems ``listening doctor`` finds are also met at runtime, by a bot that never ran it:
+libopus missing (in this process or in a decode worker), davey missing, ``vc.listen`` before
+connecting or with a mistyped sink or option. Those errors are tested here too, to name the
+same fixes.
 """
 
 from __future__ import annotations
@@ -24,15 +29,19 @@ from typing import Any
 import pytest
 
 import listening_core
-from listening_core import cli
+from listening_core import cli, opus
 from listening_core.cli import CheckResult, check_libopus, check_plugins, main
+from listening_core.errors import _pip_install, _requirement
 from listening_core.hookspecs import ENTRY_POINT_GROUP, SinkSpec, hookimpl
 from listening_core.opus import LIBOPUS_ENV, LibopusNotFound, libopus_version
 from listening_core.plugins import SinkRegistry, UnknownSinkError, default_registry, describe
+from listening_core.pool import AudioProcessPool
+from listening_core.unpacker import DECODE, decode_batch
 
 from .test_plugins import FakeDist, FakeEntryPoint
 
 WIDTH = 100
+SILENCE_FRAME = b"\xf8\xff\xfe"
 
 
 def _subprocess(
@@ -395,7 +404,7 @@ def test_doctor_davey_missing_end_to_end() -> None:
     out = done.stdout
     assert_fits(out)
     assert status_of(out, "davey")[0] == "missing"
-    assert fix_of(out, "davey") == f'pip install "{cli._requirement("davey")}"'
+    assert fix_of(out, "davey") == f'pip install "{_requirement("davey")}"'
     assert fix_of(out, "davey").startswith('pip install "davey')
     # the transport ciphers do not need davey: still checked, and fine
     assert status_of(out, "AES-256-GCM")[0] == "ok"
@@ -544,17 +553,132 @@ def test_commands_in_fixes_are_never_split(shift: int) -> None:
     assert any(command in line for line in lines), lines
 
 
+# ------------------------------------------------- the same problems, met at runtime instead
+
+
+LIBOPUS_FIX = "apt-get install libopus0"
+
+
+@pytest.fixture
+def no_libopus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A system without libopus: the loader finds nothing and the fallback soname is not there."""
+    monkeypatch.delenv(LIBOPUS_ENV, raising=False)
+    monkeypatch.setattr(opus, "_default_name", lambda env_value: env_value or "libopus-not-installed.so.0")
+
+
+@pytest.mark.usefixtures("no_libopus")
+def test_libopus_missing_at_runtime_names_the_fix() -> None:
+    for call in (opus.load_libopus, opus.libopus_version, opus.OpusDecoder, AudioProcessPool):
+        with pytest.raises(LibopusNotFound) as info:
+            call()
+        message = str(info.value)
+        assert "libopus-not-installed.so.0" in message, call
+        assert LIBOPUS_FIX in message and "brew install opus" in message, call
+        assert LIBOPUS_ENV in message and "listening doctor" in message, call
+    # doctor says the same, with this system's command
+    [result] = check_libopus()
+    assert result.status == "missing" and "libopus-not-installed.so.0" in result.found
+    assert result.fix == cli._libopus_install_command()
+
+
+@pytest.mark.usefixtures("no_libopus")
+def test_libopus_missing_in_the_worker_code_path() -> None:
+    """What a decode worker runs: the error with the fix, not a worker that dies silently."""
+    with pytest.raises(LibopusNotFound, match=LIBOPUS_FIX):
+        decode_batch({}, [("stream", DECODE, SILENCE_FRAME, 960)])
+
+
+def test_libopus_missing_in_a_worker_process_fails_the_batch_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This process has libopus, the worker (spawned with the environment below) has not."""
+    pool = AudioProcessPool(1)
+    try:
+        monkeypatch.setenv(LIBOPUS_ENV, "/nonexistent/libopus.so")
+        worker = pool.worker_for("stream")
+        for _ in range(2):
+            error = pool.submit(worker, [("stream", DECODE, SILENCE_FRAME, 960)]).exception(timeout=60)
+            assert isinstance(error, LibopusNotFound)
+            assert "/nonexistent/libopus.so" in str(error) and LIBOPUS_FIX in str(error)
+        assert pool.restarts == 0  # the worker answers; it does not die and respawn in a loop
+        errors = [r.getMessage() for r in caplog.records if r.name == "listening_core.pool"]
+        assert len(errors) == 1 and LIBOPUS_FIX in errors[0]  # logged once, not per batch
+    finally:
+        pool.shutdown()
+
+
+def test_davey_missing_at_runtime_names_the_fix() -> None:
+    code = (
+        "import json, sys; sys.modules['davey'] = None\n"
+        "import listening_core\n"
+        "try:\n"
+        "    listening_core.VoiceClient\n"
+        "except ImportError as exc:\n"
+        "    print(json.dumps([type(exc).__name__, exc.name, str(exc)]))\n"
+    )
+    done = run_code(code)
+    assert done.returncode == 0, done.stderr
+    kind, name, message = json.loads(done.stdout)
+    assert (kind, name) == ("ModuleNotFoundError", "davey")
+    assert "davey" in message and "not installed" in message
+    assert _pip_install("davey") in message  # the command `listening doctor` prints
+    assert _pip_install("davey").startswith('pip install "davey')
+
+
+def test_davey_broken_at_runtime_names_the_fix() -> None:
+    from listening_core import crypto
+
+    error = crypto._davey_import_error(ImportError("libdavey.so: cannot open", name="davey._davey"))
+    assert error.name == "davey"  # so doctor's cipher check still knows what is missing
+    assert "libdavey.so: cannot open" in str(error)
+    assert _pip_install("davey", reinstall=True) in str(error)
+
+
+class _Disconnected:
+    def is_connected(self) -> bool:
+        return False
+
+
+class _Connected:
+    def is_connected(self) -> bool:
+        return True
+
+    def _current(self) -> None:
+        return None
+
+
+def test_listen_before_connecting_says_what_to_do() -> None:
+    from listening_core.voice_client import ListeningStateError, VoiceClient
+
+    with pytest.raises(ListeningStateError, match=r"connect to a voice channel before listening: await"):
+        VoiceClient.listen(_Disconnected(), "wav")  # type: ignore[arg-type]
+
+
+def test_listen_with_a_mistyped_sink_or_option_says_what_to_do() -> None:
+    from listening_core.plugins import OptionsError
+    from listening_core.voice_client import VoiceClient
+
+    with pytest.raises(UnknownSinkError) as info:
+        VoiceClient.listen(_Connected(), "wavv")  # type: ignore[arg-type]
+    message = str(info.value)
+    assert message.splitlines()[0] == "unknown sink 'wavv'; did you mean 'wav'?"
+    assert "installed sinks:" in message and "pip install listening-sink-wavv" in message
+    with pytest.raises(UnknownSinkError, match="pip install listening-sink-transcribe"):
+        VoiceClient.listen(_Connected(), "transcribe")  # type: ignore[arg-type]
+    with pytest.raises(OptionsError, match=r"has no option 'directry' \(did you mean 'directory'\?\)"):
+        VoiceClient.listen(_Connected(), "wav", options={"directry": "x"})  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------------- demo, usage
 
 
-def test_demo_is_not_written_yet_end_to_end() -> None:
-    done = run("demo")
-    assert done.returncode == 2
-    assert done.stdout == ""
-    assert (
-        done.stderr.strip()
-        == "listening demo: the demo has not been written yet, so there is nothing to run."
-    )
+def test_demo_without_its_bot_says_where_to_run_it(tmp_path: Path) -> None:
+    done = run("demo", "--bot", str(tmp_path / "nowhere.py"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "listening demo cannot start" in done.stderr
+    assert "the example bot was not found" in done.stderr
+    assert "run the demo from a checkout of listening-core, or pass --bot" in done.stderr
+    assert not (tmp_path / "recordings").exists()
 
 
 def test_mistyped_command_suggests(capsys: pytest.CaptureFixture[str]) -> None:

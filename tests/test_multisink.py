@@ -10,7 +10,15 @@ import pytest
 
 from listening_core.hookspecs import SinkSpec, hookimpl
 from listening_core.plugins import OptionsError, SinkRegistry, UnknownSinkError
-from listening_core.sinks import AudioFrame, AudioSink, FrameKind, MultiSink, RtcpPacket, SessionInfo, SinkError
+from listening_core.sinks import (
+    AudioFrame,
+    AudioSink,
+    FrameKind,
+    MultiSink,
+    RtcpPacket,
+    SessionInfo,
+    SinkError,
+)
 from listening_core.voice_client import _build_multi
 
 
