@@ -103,6 +103,7 @@ class UserStats:
     """Packets dropped before ordering, by reason."""
 
     def as_dict(self) -> dict[str, Any]:
+        """These counts as a plain dict (``dropped`` as a dict of reason to count), e.g. for a JSON report."""
         data = {k: v for k, v in self.__dict__.items() if k != "dropped"}
         data["dropped"] = dict(self.dropped)
         return data
@@ -247,6 +248,8 @@ class AudioReceiver(threading.Thread):
                     self._dispatch("listening_speaking_stop", stream.user_id)
 
     def resume(self) -> None:
+        """Receive again after :meth:`pause`; each stream starts a fresh jitter buffer, so what was
+        discarded while paused is neither counted as lost nor concealed."""
         with self._lock:
             # what arrived while paused was discarded, not lost: each stream's next packet starts a
             # fresh jitter buffer instead of opening a gap that would be concealed into the pause
@@ -262,6 +265,7 @@ class AudioReceiver(threading.Thread):
 
     @property
     def paused(self) -> bool:
+        """Whether :meth:`pause` was called and :meth:`resume` not yet (incoming audio is discarded)."""
         return self._paused
 
     def stop(self) -> None:

@@ -62,6 +62,8 @@ class VoiceClient(discord.VoiceClient):
         super().__init__(client, channel)
 
     def create_connection_state(self) -> VoiceConnectionState:
+        """discord.py's connection state, with this client's hook on the voice websocket (it maps SSRCs
+        to users and sees members connect and disconnect)."""
         return VoiceConnectionState(self, hook=self._websocket_hook)
 
     # -- the voice websocket hook ---------------------------------------------------------------

@@ -36,9 +36,13 @@ RESUME_GRACE = 10.0
 class Participant(Endpoint, Protocol):
     """What the call needs from a real session or a virtual member."""
 
-    async def deliver_dave(self, out: Outgoing) -> list[Outgoing]: ...
+    async def deliver_dave(self, out: Outgoing) -> list[Outgoing]:
+        """Hand over one DAVE message from the call's group; returns the answers to feed back at once
+        (a real client answers later over its websocket, so it returns none)."""
 
-    async def send_json(self, op: int, d: Any, *, sequenced: bool = True) -> None: ...
+    async def send_json(self, op: int, d: Any, *, sequenced: bool = True) -> None:
+        """Send a voice gateway message ``{"op": op, "d": d}``; ``sequenced`` ones carry a ``seq`` kept
+        for replay on resume (a virtual member drops them all)."""
 
 
 @dataclass
@@ -88,11 +92,14 @@ class VoiceCall:
         self.closed = False
 
     async def start(self) -> None:
+        """Open the call's UDP relay socket on 127.0.0.1 (an ephemeral port, then in ``udp_port``)."""
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(lambda: self.relay, local_addr=(self.udp_host, 0))
         self.udp_port = self.relay.address[1]
 
     async def close(self, code: int = 4014, reason: str = "Disconnected") -> None:
+        """Shut the call down: cancel the resume grace timers, close every real client's voice websocket
+        with ``code`` and ``reason``, and close the relay socket."""
         self.closed = True
         for handle in self._grace.values():
             handle.cancel()
@@ -103,6 +110,7 @@ class VoiceCall:
     # -- membership --------------------------------------------------------------------------
 
     def new_ssrc(self) -> int:
+        """A random SSRC (1 to 2**32 - 1) not used in this call yet, reserved from now on."""
         while True:
             ssrc = self._rng.randrange(1, 2**32)
             if ssrc not in self._ssrcs:
@@ -116,15 +124,20 @@ class VoiceCall:
         return token
 
     def check_token(self, user_id: int, server_id: int, session_id: str, token: str) -> bool:
+        """Whether a voice Identify or Resume names this guild and the session id and token
+        :meth:`authorise` recorded for ``user_id``."""
         return server_id == self.discord.world.guild_id and self._tokens.get(user_id) == (session_id, token)
 
     def user_of_session(self, session_id: str) -> int | None:
+        """The user whose voice join :meth:`authorise` recorded with ``session_id``, or None."""
         for user_id, (sid, _) in self._tokens.items():
             if sid == session_id:
                 return user_id
         return None
 
     def new_session(self, user_id: int, session_id: str) -> VoiceSession:
+        """A new :class:`VoiceSession` with a fresh SSRC for an identified client; it replaces the user's
+        previous session, whose address and SSRC the relay forgets."""
         old = self.sessions.pop(user_id, None)
         if old is not None:
             self.relay.forget(old)
@@ -134,14 +147,17 @@ class VoiceCall:
         return session
 
     def participants(self) -> list[Participant]:
+        """The real sessions, then the virtual members, that have joined (have their transport key)."""
         found: list[Participant] = [s for s in self.sessions.values() if s.joined]
         found.extend(m for m in self.virtual.values() if m.joined)
         return found
 
     def endpoints(self) -> list[Endpoint]:
+        """:meth:`participants`, as the relay sees them: who media is forwarded to."""
         return list(self.participants())
 
     def endpoint_by_ssrc(self, ssrc: int) -> Endpoint | None:
+        """The real session or virtual member whose audio SSRC is ``ssrc`` (joined or not), or None."""
         for session in self.sessions.values():
             if session.ssrc == ssrc:
                 return session
@@ -214,6 +230,7 @@ class VoiceCall:
         self._grace[session.user_id] = loop.call_later(RESUME_GRACE, expire)
 
     def resumed(self, session: VoiceSession) -> None:
+        """``session``'s client resumed its voice websocket: cancel its removal at the end of the grace."""
         grace = self._grace.pop(session.user_id, None)
         if grace is not None:
             grace.cancel()

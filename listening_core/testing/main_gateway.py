@@ -109,6 +109,7 @@ class MainGateway:
         self._sessions: dict[str, Account] = {}
 
     def connection_of(self, user_id: int) -> GatewayConnection | None:
+        """``user_id``'s identified main gateway connection, or None (not connected, or a virtual member)."""
         for conn in self.connections:
             if conn.account is not None and conn.account.user.id == user_id:
                 return conn
@@ -121,9 +122,13 @@ class MainGateway:
                 await conn.dispatch(event, data)
 
     async def dispatch_message(self, message: Message) -> None:
+        """Dispatch MESSAGE_CREATE for ``message`` (with its author's member object) to every identified
+        connection."""
         await self.broadcast("MESSAGE_CREATE", message.payload(self._world.member_payload(message.author.id)))
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        """Serve a ``wss://gateway.discord.gg`` websocket: send HELLO (compressed as ``?compress=`` asks),
+        then handle the client's ops until it closes (4002 on undecodable JSON); answers the websocket."""
         ws = web.WebSocketResponse(max_msg_size=0, heartbeat=None)
         await ws.prepare(request)
         conn = GatewayConnection(self, ws, request.query.get("compress"))

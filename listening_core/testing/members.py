@@ -110,6 +110,7 @@ class VirtualMember:
     # -- what the call and relay use ---------------------------------------------------------
 
     def next_counter(self) -> int:  # virtual members receive nothing over UDP
+        """Always 0: nothing is sealed to a virtual member."""
         return 0
 
     async def send_json(self, op: int, d: Any, *, sequenced: bool = True) -> None:

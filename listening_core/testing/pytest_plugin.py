@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - exercised only without pytest-asyncio
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``local_discord`` marker (pytest hook)."""
     config.addinivalue_line(
         "markers", "local_discord(**options): options for the local_discord fixture (LocalDiscord's keywords)"
     )

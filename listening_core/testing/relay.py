@@ -96,11 +96,13 @@ class UdpRelay(asyncio.DatagramProtocol):
 
     @property
     def address(self) -> tuple[str, int]:
+        """The (host, port) the relay's UDP socket is bound to (once it is open)."""
         assert self.transport is not None
         host, port = self.transport.get_extra_info("sockname")[:2]
         return str(host), int(port)
 
     def close(self) -> None:
+        """Close the UDP socket; datagrams the fault injectors delayed past this are not sent."""
         if self.transport is not None:
             self.transport.close()
 

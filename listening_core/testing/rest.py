@@ -52,6 +52,7 @@ class RestApi:
         self._world = discord.world
 
     def routes(self) -> list[web.RouteDef]:
+        """The aiohttp routes: the REST endpoints under ``/api/v10`` and the CDN's ``/attachments/...``."""
         p = API_PREFIX
         return [
             web.get(p + "/users/@me", self.me),
@@ -81,10 +82,14 @@ class RestApi:
         return account
 
     async def me(self, request: web.Request) -> web.Response:
+        """``GET /users/@me``: the bot's user object (401 without a valid token, as every route but
+        ``/gateway`` and attachments)."""
         account = self._authorised(request)
         return json_response(account.user.payload())
 
     async def application(self, request: web.Request) -> web.Response:
+        """``GET /applications/@me`` and ``/oauth2/applications/@me``: an application object for the bot
+        (the application id is the bot's user id)."""
         account = self._authorised(request)
         return json_response(
             {
@@ -104,6 +109,7 @@ class RestApi:
         )
 
     async def gateway_bot(self, request: web.Request) -> web.Response:
+        """``GET /gateway/bot``: the loopback gateway URL, one shard and an ample session start limit."""
         self._authorised(request)
         return json_response(
             {
@@ -119,6 +125,7 @@ class RestApi:
         )
 
     async def gateway(self, request: web.Request) -> web.Response:
+        """``GET /gateway``: the loopback gateway URL (no token needed)."""
         return json_response({"url": f"wss://{self._discord.GATEWAY_HOST}"})
 
     def _check_channel(self, request: web.Request) -> int:
@@ -128,6 +135,9 @@ class RestApi:
         return channel_id
 
     async def create_message(self, request: web.Request) -> web.Response:
+        """``POST /channels/{channel_id}/messages`` (JSON, or multipart with files): stores the message in
+        the text channel, dispatches MESSAGE_CREATE and answers the message object (404 for an unknown
+        channel)."""
         account = self._authorised(request)
         self._check_channel(request)
         payload: dict[str, Any] = {}
@@ -159,6 +169,8 @@ class RestApi:
         return json_response(message.payload())
 
     async def list_messages(self, request: web.Request) -> web.Response:
+        """``GET /channels/{channel_id}/messages``: the channel's last ``limit`` messages (default 50),
+        newest first; ``before``, ``after`` and ``around`` are ignored."""
         channel_id = self._check_channel(request)
         self._authorised(request)
         limit = int(request.query.get("limit", "50"))
@@ -166,6 +178,8 @@ class RestApi:
         return json_response([m.payload() for m in reversed(found[-limit:])])
 
     async def get_message(self, request: web.Request) -> web.Response:
+        """``GET /channels/{channel_id}/messages/{message_id}``: the message object, or 404 Unknown Message
+        (10008)."""
         self._check_channel(request)
         self._authorised(request)
         message = self._world.messages.get(int(request.match_info["message_id"]))
@@ -174,6 +188,8 @@ class RestApi:
         return json_response(message.payload())
 
     async def put_commands(self, request: web.Request) -> web.Response:
+        """``PUT /applications/{app_id}/commands`` (global or guild): answers the submitted commands with
+        fresh ids and defaults filled in; nothing is stored."""
         account = self._authorised(request)
         commands = await request.json()
         answer = []
@@ -193,15 +209,19 @@ class RestApi:
         return json_response(answer)
 
     async def empty_list(self, request: web.Request) -> web.Response:
+        """``GET /applications/{app_id}/commands`` (global or guild): an empty list."""
         self._authorised(request)
         return json_response([])
 
     async def attachment(self, request: web.Request) -> web.Response:
+        """``GET /attachments/{channel_id}/{attachment_id}/{filename}`` (``cdn.discordapp.com``): the
+        stored file's bytes with its content type, or 404."""
         found = self._world.attachments.get(int(request.match_info["attachment_id"]))
         if found is None:
             return _error(404, "Not Found")
         return web.Response(body=found.data, content_type=found.content_type or "application/octet-stream")
 
     async def not_found(self, request: web.Request) -> web.Response:
+        """The answer to a request no route serves: logged at WARNING, then 404 in Discord's error shape."""
         _log.warning("loopback Discord: no route for %s %s", request.method, request.path)
         return _error(404, "404: Not Found")

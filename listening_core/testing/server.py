@@ -184,6 +184,8 @@ class LocalDiscord:
     # -- wiring clients ----------------------------------------------------------------------
 
     def is_our_host(self, host: str) -> bool:
+        """Whether the loopback serves ``host``: the REST, gateway and CDN hosts and every voice server
+        (``*.loopback.discord.media``); case and a trailing dot are ignored."""
         host = host.lower().rstrip(".")
         return host in (self.API_HOST, self.GATEWAY_HOST, self.CDN_HOST) or host.endswith(
             "." + self.VOICE_DOMAIN

@@ -88,6 +88,7 @@ class VoiceSession:
 
     @property
     def is_virtual(self) -> bool:
+        """Always False: a real client's session."""
         return False
 
     def next_counter(self) -> int:
@@ -156,12 +157,15 @@ class VoiceSession:
             await self._send_dave(out)
 
     async def close(self, code: int, reason: str) -> None:
+        """Close the client's voice websocket with ``code`` and ``reason`` (through
+        :meth:`VoiceGateway.close`); nothing if it is not open."""
         ws = self.ws
         if ws is not None and not ws.closed:
             _log.info("loopback voice: closing user %d's websocket with %d (%s)", self.user_id, code, reason)
             await self.call.discord.voice.close(ws, code, reason.encode())
 
     async def replay_after(self, seq_ack: int) -> None:
+        """Resend, in order, the kept sequenced messages whose ``seq`` is above ``seq_ack`` (on resume)."""
         async with self._send_lock:
             for seq, raw in list(self._replay):
                 if seq > seq_ack:
@@ -190,6 +194,9 @@ class VoiceGateway:
             close_request.set_result((code, message))
 
     async def handle(self, request: web.Request, call: VoiceCall) -> web.WebSocketResponse:
+        """Serve a voice websocket of ``call`` (``wss://{endpoint}/?v=8``, else closed with 4020): send
+        Hello, then handle the client's messages until either side closes; a session whose websocket
+        ends is reported to the call (it may resume). Answers the websocket."""
         ws = web.WebSocketResponse(max_msg_size=0, heartbeat=None)
         await ws.prepare(request)
         if request.query.get("v") != "8":

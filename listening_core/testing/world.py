@@ -69,6 +69,7 @@ class Attachment:
     url: str
 
     def payload(self) -> dict[str, Any]:
+        """The attachment object as Discord sends it."""
         return {
             "id": str(self.id),
             "filename": self.filename,
@@ -149,6 +150,7 @@ class World:
         return ((SNOWFLAKE_BASE_MS + n - DISCORD_EPOCH_MS) << 22) | (n & 0x3FFFFF)
 
     def add_user(self, name: str, *, bot: bool = False) -> User:
+        """A new user with a fresh id (a guild member only after :meth:`add_member`)."""
         user = User(self.snowflake(), name, bot)
         self.users[user.id] = user
         return user
@@ -163,9 +165,11 @@ class World:
         return account
 
     def add_member(self, user: User) -> None:
+        """Make ``user`` a guild member, joined now (nothing if it already is one)."""
         self.members.setdefault(user.id, datetime.datetime.now(datetime.UTC))
 
     def member_payload(self, user_id: int, *, with_user: bool = True) -> dict[str, Any]:
+        """``user_id``'s guild member object as Discord sends it; ``with_user`` adds the user object."""
         joined = self.members.get(user_id) or datetime.datetime.now(datetime.UTC)
         data: dict[str, Any] = {
             "roles": [],
@@ -182,6 +186,7 @@ class World:
         return data
 
     def voice_state_payload(self, user_id: int) -> dict[str, Any]:
+        """``user_id``'s voice state as VOICE_STATE_UPDATE carries it (``channel_id`` None out of voice)."""
         channel = self.voice_states.get(user_id)
         return {
             "guild_id": str(self.guild_id),
@@ -289,6 +294,7 @@ class World:
         }
 
     def add_message(self, author: User, content: str, attachments: list[Attachment] | None = None) -> Message:
+        """Store a new message by ``author`` in the text channel and return it (nothing is dispatched)."""
         message = Message(
             self.snowflake(), self.text_channel_id, self.guild_id, author, content, attachments or []
         )
