@@ -37,7 +37,7 @@ from .crypto import TransportCipher, dave_decrypt, transport_cipher
 from .errors import PacketError
 from .jitter import FrameKind as JitterKind
 from .jitter import JitterBuffer, Playout
-from .opus import packet_has_fec
+from .opus import LibopusNotFound, packet_has_fec
 from .pool import AudioProcessPool, WorkerDied
 from .rtp import OPUS_PAYLOAD_TYPE, PacketKind, RtcpHeader, RtpHeader, classify, seq_add, seq_diff, ts_diff
 from .sinks import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, AudioSink, FrameKind, RtcpPacket, SessionInfo
@@ -835,9 +835,19 @@ def _always(payload: bytes) -> bool:
     return True
 
 
+_warned_no_libopus = False
+
+
 def _has_fec(opus: bytes) -> bool:
+    """Whether ``opus`` carries FEC for the frame before it (False for a corrupt frame)."""
+    global _warned_no_libopus
     try:
         return packet_has_fec(opus)
+    except LibopusNotFound as exc:  # only an Opus-keeping sink gets here without libopus
+        if not _warned_no_libopus:
+            _warned_no_libopus = True
+            _log.warning("lost frames cannot be checked for FEC, so none is counted as recovered: %s", exc)
+        return False
     except Exception:  # a corrupt frame carries no usable FEC
         return False
 

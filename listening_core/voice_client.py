@@ -170,7 +170,8 @@ class VoiceClient(discord.VoiceClient):
         """
         if not self.is_connected():
             raise ListeningStateError(
-                "connect to a voice channel before listening: await channel.connect(cls=VoiceClient)"
+                "connect to a voice channel before listening: "
+                "vc = await channel.connect(cls=listening_core.VoiceClient)"
             )
         if self._current() is not None:
             raise ListeningStateError("already listening; call stop_listening() first")
@@ -191,8 +192,13 @@ class VoiceClient(discord.VoiceClient):
             raise TypeError(f"sink must be an AudioSink or a sink name, not {type(sink).__name__}")
         own_pool = pool is None and sink.wants_pcm
         if own_pool:
-            pool = AudioProcessPool()
-            pool.start(1)
+            try:
+                pool = AudioProcessPool()  # raises LibopusNotFound, with the fix, before anything runs
+                pool.start(1)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sink.cleanup()  # built for this session, which will not start
+                raise
 
         def finished(done: AudioSink, error: BaseException | None = None) -> None:
             if not specs:
@@ -227,14 +233,14 @@ class VoiceClient(discord.VoiceClient):
         """Discard received audio until :meth:`resume_listening` (the timeline keeps running)."""
         receiver = self._current()
         if receiver is None:
-            raise ListeningStateError("not listening")
+            raise ListeningStateError("not listening: start with vc.listen(sink) first")
         receiver.pause()
 
     def resume_listening(self) -> None:
         """Receive again after :meth:`pause_listening`."""
         receiver = self._current()
         if receiver is None:
-            raise ListeningStateError("not listening")
+            raise ListeningStateError("not listening: start with vc.listen(sink) first")
         receiver.resume()
 
     def is_listening(self) -> bool:

@@ -650,8 +650,39 @@ class _Connected:
 def test_listen_before_connecting_says_what_to_do() -> None:
     from listening_core.voice_client import ListeningStateError, VoiceClient
 
-    with pytest.raises(ListeningStateError, match=r"connect to a voice channel before listening: await"):
+    with pytest.raises(
+        ListeningStateError,
+        match=r"connect to a voice channel before listening: .*connect\(cls=listening_core.VoiceClient\)",
+    ):
         VoiceClient.listen(_Disconnected(), "wav")  # type: ignore[arg-type]
+    with pytest.raises(ListeningStateError, match=r"not listening: start with vc.listen\(sink\) first"):
+        VoiceClient.pause_listening(_Connected())  # type: ignore[arg-type]
+
+
+def test_listen_without_libopus_raises_the_fix_and_cleans_up_the_sink(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import listening_core.voice_client as voice_client
+    from listening_core.opus import LibopusNotFound
+    from listening_core.sinks import AudioFrame, AudioSink
+
+    class Sink(AudioSink):
+        cleaned = 0
+
+        def on_audio(self, frame: AudioFrame) -> None:
+            pass
+
+        def cleanup(self) -> None:
+            self.cleaned += 1
+
+    def no_libopus() -> None:
+        raise LibopusNotFound("libopus was not found; install libopus: apt-get install libopus0")
+
+    monkeypatch.setattr(voice_client, "AudioProcessPool", no_libopus)
+    sink = Sink()
+    with pytest.raises(LibopusNotFound, match="apt-get install libopus0"):
+        voice_client.VoiceClient.listen(_Connected(), sink)  # type: ignore[arg-type]
+    assert sink.cleaned == 1
 
 
 def test_listen_with_a_mistyped_sink_or_option_says_what_to_do() -> None:
