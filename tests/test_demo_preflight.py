@@ -67,8 +67,9 @@ def test_missing_sinks_name_the_distributions(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_missing_bot_says_where_to_run_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert demo.find_bot() == BOT  # the checkout this package runs from
+    monkeypatch.chdir(ROOT)
+    assert demo.find_bot() == Path("examples/record_bot.py").resolve()  # found from the checkout
+    assert demo.find_bot(str(tmp_path / "mine.py")) == tmp_path / "mine.py"  # --bot wins
     found = failing(demo.preflight(tmp_path / "nope.py", io.StringIO()))
     assert set(found) == {"bot"} and "--bot" in found["bot"].fix
 
