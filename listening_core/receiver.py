@@ -586,6 +586,7 @@ class AudioReceiver(threading.Thread):
             kind=kind,
             opus=opus if kind in (FrameKind.RECEIVED, FrameKind.SILENCE) else None,
             member=self.voice_client._member(stream.user_id),
+            arrival=arrival,
         )
         if lost:
             stats.lost += 1

@@ -107,6 +107,11 @@ class AudioFrame:
     pcm: bytes | None = None
     opus: bytes | None = None
     member: discord.Member | None = field(default=None, repr=False, compare=False)
+    arrival: float | None = field(default=None, repr=False, compare=False)
+    """``time.monotonic()`` when the packet arrived (``None`` for FEC/PLC frames): ``time.monotonic()
+    - frame.arrival`` in ``on_audio`` is the frame's latency through the pipeline. The first frame
+    of a talk spurt carries the receiver's estimate of its arrival free of delay spikes (never
+    later than the real one), which is also what places it on the timeline."""
 
     @property
     def samples(self) -> int:

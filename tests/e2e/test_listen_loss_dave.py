@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 
@@ -72,9 +73,14 @@ async def test_loss_reordering_and_duplicates(mode: str) -> None:
                         contiguous = nxt is not None and nxt.timestamp - frame.timestamp == 960
                         fec = next_arrived and contiguous and packet_has_fec(nxt.opus)
                         assert frame.kind is (FrameKind.FEC if fec else FrameKind.PLC), frame
+                        assert frame.arrival is None  # a lost frame never arrived
                     else:
                         assert frame.kind in (FrameKind.RECEIVED, FrameKind.SILENCE)
                         assert frame.opus == sent[frame.sequence].opus
+                        # when its packet arrived, before it reached the sink (a spurt's first frame
+                        # carries the receiver's estimate, which can precede a late send a little)
+                        assert frame.arrival is not None
+                        assert sent[frame.sequence].time - 0.1 <= frame.arrival <= time.monotonic()
                 # track length equals the sent length (up to the last frame received)
                 assert sum(f.samples for f in got) == 960 * (len(member.sent) - len(missing_tail))
                 # the statistics equal what the relay injected
