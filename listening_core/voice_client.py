@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["ListeningStateError", "VoiceClient"]
+__all__ = ["RECEIVE_BUFFER", "ListeningStateError", "VoiceClient"]
+
+RECEIVE_BUFFER = 4 * 1024 * 1024
+"""Bytes of socket receive buffer asked for while listening (several seconds of a large call)."""
 
 
 class ListeningStateError(ListeningError, RuntimeError):
@@ -122,11 +126,26 @@ class VoiceClient(discord.VoiceClient):
     def _attach(self, receiver: AudioReceiver) -> None:
         """Start handing datagrams to ``receiver`` (it reads until it calls :meth:`_detach`)."""
         self._attached = (*self._attached, receiver)
+        self._grow_socket_buffer()
         if not self._reading:
             # One listener for the connection's lifetime: discord.py's reader pauses when it has
             # none, and datagrams queued in the socket meanwhile would reach the next session.
             self._connection.add_socket_listener(self._on_datagram)
             self._reading = True
+
+    def _grow_socket_buffer(self) -> None:
+        """Ask for a receive buffer of :data:`RECEIVE_BUFFER` bytes on the voice socket.
+
+        The kernel's default (about 200 KiB) holds well under a second of a large call: one
+        pause of the reader thread (a garbage collection, a busy sink) and datagrams are dropped
+        before anyone sees them. The kernel caps the request at ``net.core.rmem_max``.
+        """
+        sock = getattr(self._connection, "socket", None)
+        if not isinstance(sock, socket.socket):
+            return
+        with contextlib.suppress(OSError):
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RECEIVE_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
     def _detach(self, receiver: AudioReceiver) -> None:
         self._attached = tuple(r for r in self._attached if r is not receiver)

@@ -13,7 +13,7 @@ mixed only from the window's start on, and counted in :attr:`MixdownSink.late` a
 
 The file starts at session sample 0 and ends at the session's end; it is written through the
 core's :class:`~listening_core.sinks.AudioFile` (soundfile). Crash safety: the file is flushed
-(WAV header brought up to date, then fsync) every time a block is written (about every
+(WAV header brought up to date, no fsync) every time a block is written (about every
 ``flush_interval`` seconds of audio), so after a crash the file is a valid WAV up to there; what
 was lost is at most the horizon plus one block before the last frame. :func:`recover` fixes the
 header of a file left by a killed process from its length.

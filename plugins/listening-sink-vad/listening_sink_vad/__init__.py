@@ -24,7 +24,7 @@ sink: it must return quickly (hand the segment to a queue, an executor or
 :attr:`VadSegmentsSink.callback_errors`; recording goes on.
 
 Crash safety: an open segment file is flushed every ``flush_interval`` seconds of audio (its WAV
-header brought up to date, then fsync), so a file left by a killed process is a valid WAV up to
+header brought up to date, no fsync), so a file left by a killed process is a valid WAV up to
 there; :func:`recover` fixes the header of such a file from its length.
 """
 
