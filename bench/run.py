@@ -204,6 +204,25 @@ async def trial(
                     await asyncio.sleep(warmup)
                     bot.stdin.write(b"mark\n")
                     await bot.stdin.drain()
+                    if os.environ.get("BENCH_PROFILE"):  # py-spy's view of the bot process, for a profile
+                        await asyncio.create_subprocess_exec(
+                            "py-spy",
+                            "record",
+                            "--threads",
+                            "--idle",
+                            "-r",
+                            "200",
+                            "-d",
+                            str(int(seconds) - 1),
+                            "-f",
+                            "raw",
+                            "-o",
+                            os.environ["BENCH_PROFILE"],
+                            "-p",
+                            str(bot.pid),
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
                     marks = sorted({*reports, seconds})
                     start = time.monotonic()
                     timeline = []
