@@ -46,6 +46,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -99,8 +100,26 @@ def _crc_table() -> tuple[int, ...]:
 _CRC_TABLE = _crc_table()
 
 
+_REVERSED_BITS = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
+
+
+def _reverse32(value: int) -> int:
+    return int(f"{value:032b}"[::-1], 2)
+
+
 def ogg_crc(data: bytes | bytearray, crc: int = 0) -> int:
-    """Ogg's CRC-32 (RFC 3533): polynomial 0x04C11DB7, not reflected, initial value 0, no final xor."""
+    """Ogg's CRC-32 (RFC 3533): polynomial 0x04C11DB7, not reflected, initial value 0, no final xor.
+
+    Computed by zlib's (reflected) CRC-32 over the bit-reversed bytes, in C: the same polynomial
+    mirrored, so mirroring input and output gives Ogg's. (A loop in Python cost a quarter of the
+    receiver's time at a few hundred speakers.)
+    """
+    raw = zlib.crc32(bytes(data).translate(_REVERSED_BITS), _reverse32(crc) ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return _reverse32(raw)
+
+
+def _ogg_crc_reference(data: bytes | bytearray, crc: int = 0) -> int:
+    """The table-driven definition, byte by byte (what :func:`ogg_crc` is tested against)."""
     table = _CRC_TABLE
     for byte in data:
         crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ byte]

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given
+from hypothesis import strategies as st
 from listening_sink_ogg import (
     PRE_SKIP,
     OggOpusSink,
@@ -54,6 +56,14 @@ def test_crc_matches_the_ogg_polynomial() -> None:
     # the reference CRC-32/MPEG-2 without its initial value and final xor: check value of "123456789"
     assert ogg_crc(b"123456789") == 0x89A1897F
     assert ogg_crc(b"") == 0
+
+
+@given(st.binary(max_size=5000), st.integers(0, 2**32 - 1))
+def test_ogg_crc_equals_the_bytewise_definition(data: bytes, start: int) -> None:
+    from listening_sink_ogg.ogg import _ogg_crc_reference
+
+    assert ogg_crc(data, start) == _ogg_crc_reference(data, start)
+    assert ogg_crc(data[7:], ogg_crc(data[:7], start)) == ogg_crc(data, start)  # it chains
 
 
 def test_packet_durations_from_the_toc() -> None:
