@@ -59,6 +59,8 @@ class _Worker:
     )
     streams: set[Hashable] = field(default_factory=set)
     restarts: int = 0
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    """Orders sends on this worker's pipe; never held with the pool's lock waiting (see submit)."""
 
 
 class AudioProcessPool:
@@ -139,19 +141,27 @@ class AudioProcessPool:
     def submit(self, worker: int, jobs: list[DecodeJob]) -> Future[list[DecodeAnswer]]:
         """Send ``jobs`` to ``worker``; the future gets one answer per job, in order."""
         future: Future[list[DecodeAnswer]] = Future()
-        with self._lock:
-            if self._closed:
-                raise PoolClosed("the AudioProcessPool was shut down")
-            w = self._workers[worker]
-            self._ensure_process(w)
-            self._batch_ids += 1
-            batch_id = self._batch_ids
-            w.pending.append((batch_id, future))
+        w = self._workers[worker]
+        # The pipe send happens outside the pool's lock: it blocks when the pipe is full, which
+        # happens when the worker is itself blocked sending answers, and the thread that reads
+        # those answers needs the pool's lock. (Holding it here deadlocked the session under
+        # load.) The worker's send lock keeps the pending list in the pipe's order.
+        with w.send_lock:
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed("the AudioProcessPool was shut down")
+                self._ensure_process(w)
+                self._batch_ids += 1
+                batch_id = self._batch_ids
+                w.pending.append((batch_id, future))
+                conn = w.conn
             try:
-                assert w.conn is not None
-                w.conn.send((batch_id, jobs))
+                assert conn is not None
+                conn.send((batch_id, jobs))
             except (BrokenPipeError, OSError):
-                self._worker_died(w)
+                with self._lock:
+                    if w.conn is conn:
+                        self._worker_died(w)
         return future
 
     def _ensure_process(self, w: _Worker) -> None:
@@ -285,8 +295,10 @@ class AudioProcessPool:
             self._result_thread.join(2.0)
         with self._lock:
             owned = [(w, w.process, w.conn) for w in workers]
-            for _, _, conn in owned:
-                if conn is not None:
+            for w, _, conn in owned:
+                # a worker with answers still unread may be blocked writing them and would never
+                # read this: it is killed below instead
+                if conn is not None and not w.pending:
                     with contextlib.suppress(OSError):
                         conn.send(None)
         for w, process, conn in owned:
