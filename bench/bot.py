@@ -216,6 +216,9 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", required=True)
     parser.add_argument("--channel", type=int, required=True)

@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -230,7 +231,20 @@ async def trial(
                         await asyncio.sleep(max(0.0, start + at - time.monotonic()))
                         bot.stdin.write(b"report\n")
                         await bot.stdin.drain()
-                        timeline.append({"at": at, **await _read_json_line(bot.stdout, 60)})
+                        try:
+                            timeline.append({"at": at, **await _read_json_line(bot.stdout, 60)})
+                        except TimeoutError:
+                            if os.environ.get("BENCH_DEBUG") and shutil.which("py-spy"):
+                                dump = subprocess.run(
+                                    ["py-spy", "dump", "-p", str(bot.pid)], capture_output=True, text=True
+                                )
+                                log("the bot did not answer; py-spy dump:\n" + dump.stdout[-6000:])
+                            result["held"] = False
+                            result["problems"] = [
+                                f"the bot did not answer within 60 s ({speakers} speakers): overloaded"
+                            ]
+                            result["generator"] = {"max_behind_ms": None}
+                            return result
                     result.update(next(r for r in timeline if r["at"] == seconds))
                     result["timeline"] = timeline
                     result["generator"] = await _read_json_line(generator.stdout, seconds + 120)
@@ -453,7 +467,15 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.UTC)
     results: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
-        "command": "tox -e bench" + (" -- " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
+        "command": ("tox -e bench" if os.environ.get("TOX_ENV_NAME") == "bench" else "python -m bench.run")
+        + (
+            " -- "
+            if os.environ.get("TOX_ENV_NAME") == "bench" and sys.argv[1:]
+            else " "
+            if sys.argv[1:]
+            else ""
+        )
+        + shlex.join(sys.argv[1:]),
         "machine": machine(),
         "versions": versions(),
         "mode": MODE,
@@ -597,15 +619,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wav-candidates",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[100, 150, 200, 250, 300, 400],
+        default=[200, 250, 300, 350, 400, 500],
     )
     parser.add_argument(
         "--ogg-candidates",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[250, 500, 750, 1000, 1500, 2000],
+        default=[250, 500, 600, 700, 800, 1000, 1500, 2000],
     )
     parser.add_argument(
-        "--peer-candidates", type=lambda s: [int(x) for x in s.split(",")], default=[15, 30, 45, 60, 90, 135]
+        "--peer-candidates", type=lambda s: [int(x) for x in s.split(",")], default=[15, 30, 45, 60, 75, 90]
     )
     args = parser.parse_args(argv)
     results = run_suite(args)
