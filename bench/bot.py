@@ -132,9 +132,9 @@ class Bench:
         self.mark = self.snapshot()
 
     def report(self) -> dict[str, Any]:
+        latency = self.probe.take_latency()  # first: its sample buffer is freed before RSS is read
         now = self.snapshot()
         before = self.mark
-        latency = self.probe.take_latency()
         delta = {
             k: now[k] - before[k]
             for k in (
