@@ -38,14 +38,6 @@ __all__ = ["DEMO_SINKS", "Check", "main", "preflight", "run_demo", "verify"]
 DEMO_SINKS = ("wav", "flac", "mp3", "vad-segments", "mixdown", "ogg-opus")
 """The sinks the demo records with, all at once."""
 
-_SINK_DISTRIBUTIONS = {
-    "wav": "listening-sink-wav",
-    "flac": "listening-sink-flac",
-    "mp3": "listening-sink-mp3",
-    "vad-segments": "listening-sink-vad",
-    "mixdown": "listening-sink-mixdown",
-    "ogg-opus": "listening-sink-ogg",
-}
 _PER_MEMBER = {"wav": ".wav", "flac": ".flac", "mp3": ".mp3", "ogg-opus": ".opus"}
 """Sinks that write one file per member, with that file's extension."""
 
@@ -126,13 +118,13 @@ def preflight(bot: Path | None, out: IO[str]) -> list[Check]:
         checks.append(
             Check("libopus", False, "libopus (the Opus codec) was not found", _libopus_install_command())
         )
-    from .plugins import default_registry
+    from .plugins import KNOWN_DISTRIBUTIONS, default_registry
 
     installed = set(default_registry().names())
     missing = [name for name in DEMO_SINKS if name not in installed]
     if missing:
         here = Path(__file__).resolve().parent.parent / "plugins"
-        dists = [_SINK_DISTRIBUTIONS[name] for name in missing]
+        dists = [KNOWN_DISTRIBUTIONS[name] for name in missing]
         local = [here / dist for dist in dists]
         fix = (
             "pip install " + " ".join(str(p) for p in local)
