@@ -211,6 +211,7 @@ class Recorder(commands.Cog):
     @commands.hybrid_command()
     async def record(self, ctx: commands.Context[commands.Bot], *, request: str = "") -> None:
         """Join your voice channel and record: SINK ... SINK.OPTION=VALUE ..."""
+        await ctx.defer()  # a slash command must be answered within 3 s; joining voice can take longer
         if ctx.guild is None:
             await ctx.reply("Recording works in a server, not in direct messages.")
             return
@@ -267,6 +268,7 @@ class Recorder(commands.Cog):
         session = await self._session(ctx)
         if session is None or ctx.guild is None:
             return
+        await ctx.defer()  # finishing every file can take longer than a slash command's 3 s
         del self.sessions[ctx.guild.id]
         path = await session.finish()
         report = json.loads(path.read_text(encoding="utf-8"))
