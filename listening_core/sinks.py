@@ -29,7 +29,7 @@ import re
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
@@ -177,6 +177,15 @@ class SessionInfo:
     channels: int = CHANNELS
 
 
+def _unused_name(sink: object, taken: Container[str]) -> str:
+    """``sink``'s class name, with ``-2``, ``-3``… if that is in ``taken``: its name in a MultiSink."""
+    base = type(sink).__name__
+    key, n = base, 2
+    while key in taken:
+        key, n = f"{base}-{n}", n + 1
+    return key
+
+
 class MultiSink(AudioSink):
     """Several sinks fed by one session: each gets every frame, RTCP packet and the stop.
 
@@ -192,11 +201,7 @@ class MultiSink(AudioSink):
         named = dict(sinks) if isinstance(sinks, Mapping) else {}
         if not isinstance(sinks, Mapping):
             for sink in sinks:
-                base = type(sink).__name__
-                key, n = base, 2
-                while key in named:
-                    key, n = f"{base}-{n}", n + 1
-                named[key] = sink
+                named[_unused_name(sink, named)] = sink
         if not named:
             raise ValueError("MultiSink needs at least one sink")
         for key, sink in named.items():

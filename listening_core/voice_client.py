@@ -30,7 +30,7 @@ from discord.voice_state import VoiceConnectionState
 from .errors import ListeningError
 from .pool import AudioProcessPool
 from .receiver import AudioReceiver, ListenOptions, UserStats
-from .sinks import AudioSink, MultiSink
+from .sinks import AudioSink, MultiSink, _unused_name
 
 if TYPE_CHECKING:
     from .hookspecs import SinkSpec
@@ -336,10 +336,7 @@ def _build_multi(
             if isinstance(item, str):
                 built[item] = registry.create(item, validated[item])
             elif isinstance(item, AudioSink):
-                key, n = type(item).__name__, 2
-                while key in built or key in specs:
-                    key, n = f"{type(item).__name__}-{n}", n + 1
-                built[key] = item
+                built[_unused_name(item, built.keys() | specs.keys())] = item
             else:
                 raise TypeError(f"sinks must be AudioSink instances or sink names, not {type(item).__name__}")
     except BaseException:
