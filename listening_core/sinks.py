@@ -321,7 +321,8 @@ class AudioHandlingSink(AudioSink):
 
 
 _UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
-_RESERVED = re.compile(r"(con|prn|aux|nul|com\d|lpt\d)(\..*)?", re.IGNORECASE)
+# Windows device names, with or without an extension (COM¹-³ and LPT¹-³ included: Windows reserves them too)
+_RESERVED = re.compile(r"(con|prn|aux|nul|com[\d¹²³]|lpt[\d¹²³])(\..*)?", re.IGNORECASE)
 _MAX_NAME_BYTES = 200  # file systems allow 255 bytes; leave room for "-NN" and the extension
 
 
@@ -456,7 +457,9 @@ class AudioFile:
     a second), and every ``flush_interval`` seconds of audio a WAV header is rewritten to cover
     it, so a killed process leaves a file readable to about a second before the kill. The
     periodic flush does not ``fsync``: with hundreds of speakers, one ``fsync`` per file per
-    second would stall delivery on a real disk; :meth:`flush` does, when you ask. After a crash,
+    second would stall delivery on a real disk; :meth:`flush` does, when you ask. A sink that
+    holds audio back until it is final (a mix waiting for late frames) puts it on disk ahead of
+    the end with :meth:`write_ahead`, so a crash does not cost what it held. After a crash,
     :func:`recover_file` makes any of these files whole again.
 
     A failing write (disk full, permissions…) closes the file, keeps what was written, sets
@@ -502,6 +505,7 @@ class AudioFile:
         # (written as raw bytes, no array conversion) instead of one library call per 20 ms.
         self._fast = self._resampler is None and channels == CHANNELS and not self._wide
         self._pending = bytearray()
+        self._extent = 0  # samples on disk, those written ahead of the end included
         try:
             self._file = soundfile.SoundFile(
                 self.path,
@@ -547,19 +551,48 @@ class AudioFile:
         like a frame's PCM does. For sinks that write audio they made themselves (a mix, an
         utterance) rather than one user's frames at their session positions.
         """
-        import numpy as np
-
-        data = np.asarray(samples)
-        if data.ndim == 1:
-            data = data.reshape(-1, 1)
-        if data.ndim != 2 or data.shape[1] not in (1, 2) or data.dtype != np.int16:
-            raise ValueError(
-                f"expected int16 samples shaped (n,), (n, 1) or (n, 2), got {data.dtype} {data.shape}"
-            )
+        data = _samples_block(samples)
         with self._lock:
             self._check_open()
             if len(data):
                 self._write_block(data)
+
+    def write_ahead(self, samples: Any, offset: int = 0) -> None:
+        """Put audio that may still change on disk after the end of the file, without moving the end.
+
+        For a sink that holds audio back until it is final (a mix waiting for late frames): what
+        it holds reaches the disk too, and the header covers it, so a killed process leaves it in
+        the file. ``samples`` (48 kHz int16, shaped as for :meth:`write_samples`) are written
+        ``offset`` samples past the end of the file; everything between the end and ``offset``
+        must have been written ahead before (``offset`` is at most :attr:`ahead`). The next
+        :meth:`write_samples`, :meth:`write` or :meth:`pad_to` overwrites it from the end on; a
+        file closed with audio still ahead of its end keeps that audio. Only for files at 48 kHz
+        in a format with a header that can be rewritten (WAV).
+        """
+        data = _samples_block(samples)
+        if self._resampler is not None or self.format.upper() not in _HEADER_FORMATS:
+            raise ValueError(f"write_ahead needs a 48 kHz WAV file; {self.path} is {self.format}")
+        with self._lock:
+            self._check_open()
+            if not 0 <= offset <= self.ahead:
+                raise ValueError(f"offset {offset} is not in 0…{self.ahead}, the samples written ahead")
+            if not len(data):
+                return
+            self._drain()
+            end = self.frames_written
+            try:
+                self._file.seek(end + offset)
+                self._file.write(self._layout(data))
+                self._extent = max(self._extent, end + offset + len(data))
+                _update_header(self._file)
+                self._file.seek(end)
+            except Exception as exc:
+                self._fail(exc, "writing ahead in")
+
+    @property
+    def ahead(self) -> int:
+        """Samples on disk past the end of the file, put there by :meth:`write_ahead`."""
+        return max(0, self._extent - self.frames_written)
 
     def pad_to(self, samples: int) -> None:
         """Extend the file with silence up to session sample ``samples`` (no-op if it is that long)."""
@@ -624,9 +657,7 @@ class AudioFile:
 
         count = data.shape[0]
         if self._resampler is None:
-            if data.shape[1] > self.channels:
-                data = ((data[:, 0].astype(np.int32) + data[:, 1]) // 2).astype(np.int16).reshape(-1, 1)
-            out = data if data.shape[1] == self.channels else np.repeat(data, self.channels, axis=1)
+            out = self._layout(data)
         else:
             x = data.astype(np.float64)
             if x.shape[1] > self.channels:
@@ -636,6 +667,14 @@ class AudioFile:
             out = _to_int16(self._resampler.process(x))
         self._file_write(out)
         self.position += count
+
+    def _layout(self, data: Any) -> Any:
+        """48 kHz int16 samples ``(n, 1)`` or ``(n, 2)`` in the file's channels (no resampling)."""
+        import numpy as np
+
+        if data.shape[1] > self.channels:
+            return ((data[:, 0].astype(np.int32) + data[:, 1]) // 2).astype(np.int16).reshape(-1, 1)
+        return data if data.shape[1] == self.channels else np.repeat(data, self.channels, axis=1)
 
     def _file_write(self, out: Any) -> None:
         self._drain()
@@ -719,6 +758,20 @@ class AudioFile:
 
 _BLOCK_SAMPLES = 12_000  # 0.25 s: received PCM is written in blocks of this many samples
 _BLOCK_BYTES = _BLOCK_SAMPLES * CHANNELS * 2
+
+
+def _samples_block(samples: Any) -> Any:
+    """``samples`` as an int16 array shaped ``(n, 1)`` or ``(n, 2)``; ValueError for anything else."""
+    import numpy as np
+
+    data = np.asarray(samples)
+    if data.ndim == 1:
+        data = data.reshape(-1, 1)
+    if data.ndim != 2 or data.shape[1] not in (1, 2) or data.dtype != np.int16:
+        raise ValueError(
+            f"expected int16 samples shaped (n,), (n, 1) or (n, 2), got {data.dtype} {data.shape}"
+        )
+    return data
 
 
 def _to_int16(x: Any) -> Any:

@@ -12,11 +12,13 @@ others), so the window trails the latest frame by the horizon; a frame older tha
 mixed only from the window's start on, and counted in :attr:`MixdownSink.late` and logged.
 
 The file starts at session sample 0 and ends at the session's end; it is written through the
-core's :class:`~listening_core.sinks.AudioFile` (soundfile). Crash safety: the file is flushed
-(WAV header brought up to date, no fsync) every time a block is written (about every
-``flush_interval`` seconds of audio), so after a crash the file is a valid WAV up to there; what
-was lost is at most the horizon plus one block before the last frame. :func:`recover` fixes the
-header of a file left by a killed process from its length.
+core's :class:`~listening_core.sinks.AudioFile` (soundfile). Crash safety: the window is not
+final, but it is not kept from the disk either: every ``flush_interval`` seconds of new audio,
+the window's mix as it stands (from the first sample that changed) is written after the final
+part of the file (:meth:`~listening_core.sinks.AudioFile.write_ahead`) and the WAV header
+brought up to date (no fsync). A killed process leaves a valid WAV holding the mix of every
+frame delivered up to about ``flush_interval`` before the kill; :func:`recover` fixes the header
+of such a file from its length.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class MixdownOptions:
         default="mixdown-{started}",
         metadata={
             "help": "file name without extension; {started} (UTC, 20260301T120000Z), {guild_id}, "
-            "{channel_id}; made safe, '.wav' added; an existing file of that name is replaced"
+            "{channel_id}; made safe, '.wav' added; never overwrites a file (-2, -3… instead)"
         },
     )
     channels: int = field(default=2, metadata={"help": "2 (stereo) or 1 (mono: (left + right) / 2)"})
@@ -108,6 +110,11 @@ class MixdownSink(AudioHandlingSink):
         self._base = 0  # session sample of _buf[0]: everything before it is in the file
         self._latest = 0  # end of the latest frame mixed
         self._end = 0  # the session's end, once known
+        # Crash safety: the window is put on disk ahead of the file's end (AudioFile.write_ahead)
+        # every block of new audio, from the first sample changed since the last time.
+        self._ahead_end = 0  # session sample just after what is on disk ahead
+        self._ahead_mark = 0  # _latest when the window was last put on disk
+        self._dirty_from: int | None = None  # earliest session sample mixed since then
         self._writer: AudioFile | None = None
         self._session: SessionInfo | None = None
         self._failed: BaseException | None = None
@@ -144,12 +151,18 @@ class MixdownSink(AudioHandlingSink):
                 guild_id=session.guild_id if session and session.guild_id is not None else "",
                 channel_id=session.channel_id if session and session.channel_id is not None else "",
             )
-            name = safe_filename(raw, fallback="mixdown")
-            if not name.lower().endswith(".wav"):
-                name += ".wav"
+            base = safe_filename(raw, fallback="mixdown")
+            if base.lower().endswith(".wav") and len(base) > 4:
+                base = base[:-4]
             directory = Path(opts.directory)
             directory.mkdir(parents=True, exist_ok=True)
-            self.path = directory / name
+            # Never over an existing file: two sessions started in the same second (two guilds
+            # recorded into one directory) would otherwise write one file at once.
+            name, n = base, 1
+            while os.path.lexists(directory / f"{name}.wav"):
+                n += 1
+                name = f"{base}-{n}"
+            self.path = directory / f"{name}.wav"
             try:
                 # flushed at every block written: a block is flush_interval s of audio or more
                 self._writer = AudioFile(
@@ -196,17 +209,42 @@ class MixdownSink(AudioHandlingSink):
                 data, pos = data[cut:], self._base
             i = pos - self._base
             self._buf[i : i + data.shape[0]] += data
+            self._dirty_from = pos if self._dirty_from is None else min(self._dirty_from, pos)
+            if self._latest - self._ahead_mark >= self.block:
+                self._write_ahead()
+
+    def _mixed(self, chunk: np.ndarray) -> np.ndarray:
+        """Sums in the window, saturated to 16 bits once, in the file's channels."""
+        if self.channels == 1:  # (left + right) / 2 of the sums, saturated once
+            return np.clip((chunk[:, 0].astype(np.int64) + chunk[:, 1]) // 2, -32768, 32767).astype(np.int16)
+        return np.clip(chunk, -32768, 32767).astype(np.int16)
+
+    def _write_ahead(self) -> None:
+        """Put the window's mix, as it stands, on disk after what is written (see AudioFile.write_ahead).
+
+        Without it a killed process would lose the whole window (``horizon_ms`` and a block),
+        which the sink holds back for frames that arrive late. Only what changed since the last
+        time is written: from the earliest sample mixed since, or the end of what is ahead.
+        """
+        writer = self._open()
+        changed = self._ahead_end if self._dirty_from is None else min(self._dirty_from, self._ahead_end)
+        start = max(self._base, changed)
+        out = self._mixed(self._buf[start - self._base : self._latest - self._base])
+        try:
+            writer.write_ahead(out, offset=start - self._base)
+        except SinkError as exc:
+            self._failed = exc
+            raise SinkError(f"mixdown: {exc}") from exc
+        self._ahead_end = max(self._ahead_end, self._latest)
+        self._ahead_mark = self._latest
+        self._dirty_from = None
 
     def _commit(self, target: int) -> None:
         """Write out session samples [base, target) (silence for what nobody filled)."""
         writer = self._open()
         while self._base < target:
             n = min(target - self._base, self.capacity)
-            chunk = self._buf[:n]
-            mixed = np.clip(chunk, -32768, 32767)
-            if self.channels == 1:  # (left + right) / 2 of the sums, saturated once
-                mixed = np.clip((chunk[:, 0].astype(np.int64) + chunk[:, 1]) // 2, -32768, 32767)
-            out = mixed.astype(np.int16)
+            out = self._mixed(self._buf[:n])
             # Shift the window before writing: a failing write must not leave it half moved.
             self._buf[: self.capacity - n] = self._buf[n:]
             self._buf[self.capacity - n :] = 0

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import logging
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,9 +23,10 @@ from listening_sink_mixdown import MixdownOptions, MixdownSink, recover
 
 from listening_core import AudioFrame, FrameKind
 from listening_core.plugins import OptionsError, default_registry
-from listening_core.sinks import SessionInfo, SinkError
+from listening_core.sinks import AudioFile, SessionInfo, SinkError
 from listening_core.testing import LocalDiscord, Schedule, record
 from listening_core.testing.media import reference_decode
+from listening_core.testing.recording import fill_disk
 
 RATE = 48_000
 FRAME = 960
@@ -39,6 +45,11 @@ def _frame(user_id: int, seq: int, position: int, pcm: np.ndarray) -> AudioFrame
         kind=FrameKind.RECEIVED,
         pcm=np.ascontiguousarray(pcm, dtype="<i2").tobytes(),
     )
+
+
+def _pcm(frame: AudioFrame) -> np.ndarray:
+    assert frame.pcm is not None
+    return np.frombuffer(frame.pcm, dtype="<i2").reshape(-1, 2)
 
 
 def _read(path: Path) -> np.ndarray:
@@ -168,27 +179,111 @@ def test_memory_stays_bounded_over_a_long_session(tmp_path: Path) -> None:
 
 
 def test_file_is_readable_while_recording_and_repairable(tmp_path: Path) -> None:
-    sink = MixdownSink(MixdownOptions(directory=tmp_path, filename="live", horizon_ms=1000))
+    """What the sink holds back for late frames is on disk too: a crash costs at most a block."""
+    sink = MixdownSink(
+        MixdownOptions(directory=tmp_path, filename="live", horizon_ms=3000, flush_interval=0.5)
+    )
     sink.on_start(_session())
-    one = np.full((FRAME, 2), 7, dtype=np.int16)
-    for k in range(500):  # 10 s
-        sink.on_audio(_frame(1, k, k * FRAME, one))
     path = tmp_path / "live.wav"
-    # as a crash would leave it: a valid WAV up to the last write, at most horizon + 1 s behind
-    on_disk = sf.info(str(path)).frames
-    assert on_disk == sink.written and on_disk >= 500 * FRAME - 2 * RATE - FRAME
-    assert recover(path) == on_disk
-    sink.on_stop(500 * FRAME)
+    delivered: list[tuple[int, np.ndarray]] = []
+
+    def send(user: int, k: int, value: int) -> None:
+        pcm = np.full((FRAME, 2), value, dtype=np.int16)
+        sink.on_audio(_frame(user, k, k * FRAME, pcm))
+        delivered.append((k * FRAME, pcm))
+
+    def crash_check(users: int) -> np.ndarray:
+        """The file as a crash would leave it: a valid WAV (header up to date, recover() agrees)
+        holding exactly the mix of every frame delivered up to at most one block (0.5 s of
+        audio) before the last one."""
+        frames = sf.info(str(path)).frames
+        assert recover(path) == frames
+        got = _read(path)
+        for missing in range(0, users * 26):  # a block is 25 frames of each user
+            upto = delivered[: len(delivered) - missing]
+            if np.array_equal(got, _clipped_sum(upto, max(p + FRAME for p, _ in upto))[: len(got)]):
+                assert len(got) >= max(p + FRAME for p, _ in upto) - FRAME
+                return got
+        raise AssertionError("the file is not the mix of the frames delivered up to one block before")
+
+    for k in range(500):  # 10 s of user 1
+        send(1, k, 7 + k % 5)
+    got = crash_check(users=1)
+    # only what is older than the 3 s horizon is final, yet nearly all of it is on disk
+    assert sink.written <= 500 * FRAME - 3 * RATE < 500 * FRAME - RATE // 2 - FRAME <= len(got)
+    # user 2, 2 s behind (within the horizon): the part of the file ahead of the end is
+    # rewritten with the new mix as the blocks go by
+    for k in range(500, 560):
+        send(1, k, 7 + k % 5)
+        send(2, k - 100, 1000)
+    got = crash_check(users=2)
+    assert got[400 * FRAME : 401 * FRAME].min() >= 1007  # user 2's first frame, mixed in
+    sink.on_stop(560 * FRAME)
     sink.cleanup()
-    assert sf.info(str(path)).frames == 500 * FRAME
+    assert np.array_equal(_read(path), _clipped_sum(delivered, 560 * FRAME))
+
+
+def test_write_ahead_is_on_disk_until_overwritten(tmp_path: Path) -> None:
+    """The core's AudioFile.write_ahead, which the sink's crash safety rests on."""
+    path = tmp_path / "a.wav"
+    f = AudioFile(path, channels=2)
+    f.write_samples(np.full((100, 2), 1, dtype=np.int16))
+    f.write_ahead(np.full((50, 2), 2, dtype=np.int16))
+    assert f.ahead == 50 and f.frames_written == 100
+    assert sf.info(str(path)).frames == 150  # the header covers it: a crash now keeps it
+    f.write_ahead(np.full((30, 2), 3, dtype=np.int16), offset=40)  # rewrite part of it, extend it
+    with pytest.raises(ValueError, match="offset"):
+        f.write_ahead(np.zeros((1, 2), dtype=np.int16), offset=71)  # would leave a hole
+    assert _read(path)[:, 0].tolist() == [1] * 100 + [2] * 40 + [3] * 30
+    f.write_samples(np.full((60, 2), 4, dtype=np.int16))  # the final audio overwrites what is ahead
+    assert f.ahead == 10 and _read(path)[:, 0].tolist() == [1] * 100 + [4] * 60 + [3] * 10
+    f.cleanup()  # closed with audio still ahead: it is kept
+    assert _read(path)[:, 0].tolist() == [1] * 100 + [4] * 60 + [3] * 10
+    resampled = AudioFile(tmp_path / "b.wav", sample_rate=16000)
+    with pytest.raises(ValueError, match="48 kHz WAV"):
+        resampled.write_ahead(np.zeros((10, 2), dtype=np.int16))
+    resampled.cleanup()
 
 
 def test_disk_full_at_open(tmp_path: Path) -> None:
-    (tmp_path / "full.wav").symlink_to("/dev/full")
-    sink = MixdownSink(MixdownOptions(directory=tmp_path, filename="full"))
-    with pytest.raises(SinkError, match="No space left"):
+    """Not even the header can be written (the file-size limit stands in for a full disk)."""
+    script = textwrap.dedent(
+        f"""
+        import resource, signal, time
+        from listening_core.sinks import SessionInfo, SinkError
+        from listening_sink_mixdown import MixdownOptions, MixdownSink
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+        sink = MixdownSink(MixdownOptions(directory={str(tmp_path)!r}, filename="full"))
+        try:
+            sink.on_start(SessionInfo(1, 2, time.time()))
+        except SinkError as exc:
+            print("raised", exc)
+        sink.cleanup()  # must not raise again
+        print("cleaned up")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "raised mixdown: cannot create" in result.stdout and "File too large" in result.stdout
+    assert result.stdout.endswith("cleaned up\n")
+
+
+def test_existing_files_are_never_overwritten(tmp_path: Path) -> None:
+    """Two sessions started in the same second into one directory (two guilds), or a file left
+    from before: each session gets a file of its own."""
+    (tmp_path / "mix.wav").write_bytes(b"an earlier recording")
+    sinks = [MixdownSink(MixdownOptions(directory=tmp_path, filename="mix")) for _ in range(2)]
+    one = np.full((FRAME, 2), 5, dtype=np.int16)
+    for n, sink in enumerate(sinks):
         sink.on_start(_session())
-    sink.cleanup()  # must not raise again
+        sink.on_audio(_frame(1, 0, 0, one * (n + 1)))
+    for sink in sinks:
+        sink.on_stop(FRAME)
+        sink.cleanup()
+    assert [sink.path for sink in sinks] == [tmp_path / "mix-2.wav", tmp_path / "mix-3.wav"]
+    assert (tmp_path / "mix.wav").read_bytes() == b"an earlier recording"
+    assert [int(_read(sink.path)[0, 0]) for sink in sinks] == [5, 10]
 
 
 def test_disk_full_mid_session_keeps_what_was_written(tmp_path: Path) -> None:
@@ -199,7 +294,7 @@ def test_disk_full_mid_session_keeps_what_was_written(tmp_path: Path) -> None:
         import resource, signal, sys, time
         import numpy as np
         from listening_core import AudioFrame, FrameKind
-        from listening_core.sinks import SessionInfo, SinkError
+        from listening_core.sinks import AudioFile, SessionInfo, SinkError
         from listening_sink_mixdown import MixdownOptions, MixdownSink
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
@@ -317,7 +412,13 @@ async def test_member_joining_late_lands_in_place(local_discord: LocalDiscord, t
 async def test_disk_full_reaches_after_and_the_log(
     local_discord: LocalDiscord, tmp_path: Path, caplog: Any
 ) -> None:
-    (tmp_path / "full.wav").symlink_to("/dev/full")
+    async def fill_once_open(rec: Any) -> None:
+        while rec.sink.path is None or not rec.sink.path.exists():
+            await asyncio.sleep(0.005)
+        # its descriptor now points at /dev/full: the next write (or seek, which /dev/full does
+        # not do) fails, as on a full disk
+        fill_disk(rec.sink.path)
+
     with caplog.at_level(logging.ERROR):
         rec = await record(
             local_discord,
@@ -327,9 +428,67 @@ async def test_disk_full_reaches_after_and_the_log(
             settle=0.0,
             lead=0.0,
             tail=0.0,
+            during=fill_once_open,
         )
     done = rec.calls
     assert len(done) == 1
     error = done[0][1]
-    assert isinstance(error, SinkError) and "No space left" in str(error)
-    assert any("No space left" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    path = str(tmp_path / "full.wav")
+    assert isinstance(error, SinkError) and path in str(error)
+    assert any(path in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+# ------------------------------------------------------------------------------------- crash
+
+
+def _record_until_killed(directory: Path, kill_after: float) -> tuple[list[tuple[float, AudioFrame]], float]:
+    """Run ``_record_until_killed.py``: the frames it delivered to the sink (with the time each was
+    handled) and the time it killed itself."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("_record_until_killed.py")),
+            str(directory),
+            str(kill_after),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = child.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # its decode workers, orphaned by the kill
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == -signal.SIGKILL, f"the recorder exited with {child.returncode}"
+    delivered: list[tuple[float, AudioFrame]] = []
+    killed_at = None
+    for line in out.splitlines():
+        fields = line.split()
+        if fields[:1] == ["frame"] and len(fields) == 7:
+            t, user_id, ssrc, seq, position = float(fields[1]), *map(int, fields[2:6])
+            pcm = base64.b64decode(fields[6])
+            delivered.append((t, AudioFrame(user_id, ssrc, seq, 0, position, FrameKind.RECEIVED, pcm)))
+        elif fields[:1] == ["kill"]:
+            killed_at = float(fields[1])
+    assert killed_at is not None and delivered, out[-2000:]
+    return delivered, killed_at
+
+
+def test_killed_recorder_leaves_a_readable_mixdown(tmp_path: Path) -> None:
+    """SIGKILL 3 s into a clip, with the default 4 s horizon: the mix is on disk up to ~1 s before."""
+    delivered, killed_at = _record_until_killed(tmp_path / "out", 3.0)
+    [path] = (tmp_path / "out").glob("mixdown-*.wav")
+    direct = _read(path)  # readable as it is ...
+    samples = recover(path)  # ... and after recover(), with a header every reader agrees with
+    got = _read(path)
+    assert len(got) == samples == len(direct)
+    assert recover(path) == samples  # idempotent
+    # what the sink was handed, mixed (one speaker: the sum is her frames at their positions)
+    frames = [frame for _, frame in delivered]
+    mix = _clipped_sum([(f.position, _pcm(f)) for f in frames], max(f.end for f in frames))
+    assert np.array_equal(got, mix[: len(got)])  # nothing but the mix, sample for sample ...
+    must_have = max(f.end for t, f in delivered if t < killed_at - 1.0)
+    last = max(f.end for f in frames)
+    print(f"mixdown: the file ends {(last - len(got)) / RATE:.3f} s before the last frame delivered")
+    assert len(got) >= must_have  # ... and all of it that was delivered up to 1 s before the kill

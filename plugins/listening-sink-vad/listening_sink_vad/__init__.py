@@ -23,9 +23,11 @@ sink: it must return quickly (hand the segment to a queue, an executor or
 ``loop.call_soon_threadsafe``). An exception from it is logged and counted in
 :attr:`VadSegmentsSink.callback_errors`; recording goes on.
 
-Crash safety: an open segment file is flushed every ``flush_interval`` seconds of audio (its WAV
-header brought up to date, no fsync), so a file left by a killed process is a valid WAV up to
-there; :func:`recover` fixes the header of such a file from its length.
+Crash safety: a segment's audio goes to the operating system as the utterance goes on (held
+back only by webrtcvad's hangover), and an open segment's WAV header is brought up to date every
+``flush_interval`` seconds of audio (no fsync). After a kill, finished segments are complete and
+listed in the manifest; the segment being written has no manifest line and holds the utterance
+up to the kill, less the hangover: :func:`recover` fixes its header from its length.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class VadOptions:
         default="{user}-{index:04d}-{start_ms}",
         metadata={
             "help": "segment file name without extension: {user}, {user_id}, {index}, {start_ms}, "
-            "{guild_id}, {channel_id}; made safe, '.wav' added"
+            "{guild_id}, {channel_id}; made safe, '.wav' added; never overwrites a file (-2, -3… instead)"
         },
     )
     manifest: str = field(
@@ -408,7 +410,13 @@ class VadSegmentsSink(AudioHandlingSink):
         )
         base = safe_filename(raw, fallback=f"{state.user_id}-{state.index:04d}")
         name, n = base, 1
-        while name.lower() in self._names or name.lower() == self.options.manifest.lower():
+        # Never over an existing file: an earlier session in the same directory (same user,
+        # index and start) or another one running now would lose that segment.
+        while (
+            name.lower() in self._names
+            or name.lower() == self.options.manifest.lower()
+            or os.path.lexists(self.directory / (name + ".wav"))
+        ):
             n += 1
             name = f"{base}-{n}"
         self._names.add(name.lower())

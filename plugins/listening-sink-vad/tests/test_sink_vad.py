@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,6 +26,7 @@ from listening_core.plugins import OptionsError, default_registry, describe
 from listening_core.sinks import SessionInfo, SinkError
 from listening_core.testing import LocalDiscord, Schedule, record
 from listening_core.testing.media import OpusEncoder, clip_path, load_pcm, reference_decode
+from listening_core.testing.recording import fill_disk
 
 RATE = 48_000
 FRAME = 960
@@ -126,7 +135,12 @@ async def test_three_phrases_end_to_end(local_discord: LocalDiscord, tmp_path: P
 async def test_disk_full_reaches_after_and_the_log(
     local_discord: LocalDiscord, tmp_path: Path, caplog: Any
 ) -> None:
-    (tmp_path / "alice-2.wav").symlink_to("/dev/full")  # the second segment's exact name
+    async def fill_when_the_second_segment_opens(rec: Any) -> None:
+        second = tmp_path / "alice-2.wav"
+        while not second.exists():
+            await asyncio.sleep(0.005)
+        fill_disk(second)  # its next write fails with ENOSPC
+
     with caplog.at_level(logging.ERROR):
         rec = await record(
             local_discord,
@@ -134,6 +148,7 @@ async def test_disk_full_reaches_after_and_the_log(
             options={"directory": str(tmp_path), "template": "{user}-{index}"},
             schedules={"alice": Schedule.from_clips([("three-phrases", 0.0)])},
             lead=0.0,
+            during=fill_when_the_second_segment_opens,
         )
     done = rec.calls
     assert len(done) == 1
@@ -291,12 +306,119 @@ def test_safe_names(tmp_path: Path) -> None:
 
 
 def test_disk_full_keeps_earlier_segments(tmp_path: Path) -> None:
-    (tmp_path / "7-2.wav").symlink_to("/dev/full")
     sink = VadSegmentsSink(VadOptions(directory=tmp_path, template="{user_id}-{index}"))
     sink.on_start(SessionInfo(1, 2, time.time()))
+    pcm = _decoded()
+    filled = False
     with pytest.raises(SinkError, match="No space left"):
-        _feed(sink, _decoded(), 0)
+        for k in range(len(pcm) // (FRAME * 4)):
+            _feed(sink, pcm[k * FRAME * 4 : (k + 1) * FRAME * 4], k * FRAME, seq=k)
+            if not filled and (tmp_path / "7-2.wav").exists():
+                fill_disk(tmp_path / "7-2.wav")  # the second segment's next write fails
+                filled = True
     sink.cleanup()  # closes what is open; does not raise again
     lines = _manifest(tmp_path)
     assert [line["file"] for line in lines] == ["7-1.wav"]
     assert sf.info(str(tmp_path / "7-1.wav")).frames == lines[0]["frames"]
+
+
+def test_existing_files_are_never_overwritten(tmp_path: Path) -> None:
+    """A directory used before (or by another session now): its files keep what they hold."""
+    (tmp_path / "7-2.wav").write_bytes(b"an earlier session's segment")
+    (tmp_path / "7-3.wav").symlink_to("/dev/full")
+    sink = _run(tmp_path, _decoded(), 0, template="{user_id}-{index}")
+    assert [s.file for s in sink.segments] == ["7-1.wav", "7-2-2.wav", "7-3-2.wav"]
+    assert (tmp_path / "7-2.wav").read_bytes() == b"an earlier session's segment"
+    assert all(sf.info(str(s.path)).frames == s.frames for s in sink.segments)
+
+
+# ------------------------------------------------------------------------------------- crash
+
+
+def _record_until_killed(directory: Path, kill_after: float) -> tuple[list[tuple[float, AudioFrame]], float]:
+    """Run ``_record_until_killed.py``: the frames it delivered to the sink (with the time each was
+    handled) and the time it killed itself."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("_record_until_killed.py")),
+            str(directory),
+            str(kill_after),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = child.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # its decode workers, orphaned by the kill
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == -signal.SIGKILL, f"the recorder exited with {child.returncode}"
+    delivered: list[tuple[float, AudioFrame]] = []
+    killed_at = None
+    alice = SimpleNamespace(display_name="alice")
+    for line in out.splitlines():
+        fields = line.split()
+        if fields[:1] == ["frame"] and len(fields) == 7:
+            t, user_id, ssrc, seq, position = float(fields[1]), *map(int, fields[2:6])
+            pcm = base64.b64decode(fields[6])
+            frame = AudioFrame(user_id, ssrc, seq, 0, position, FrameKind.RECEIVED, pcm)
+            frame.member = alice  # type: ignore[assignment]
+            delivered.append((t, frame))
+        elif fields[:1] == ["kill"]:
+            killed_at = float(fields[1])
+    assert killed_at is not None and delivered, out[-2000:]
+    return delivered, killed_at
+
+
+def _replay(directory: Path, frames: list[AudioFrame], *, finish: bool) -> VadSegmentsSink:
+    """The same frames into a sink that is not killed: what the recorder had written by then."""
+    sink = VadSegmentsSink(VadOptions(directory=directory))
+    sink.on_start(SessionInfo(1, 2, time.time()))
+    for frame in frames:
+        sink.on_audio(frame)
+    if finish:
+        sink.on_stop(frames[-1].end)
+        sink.cleanup()
+    return sink
+
+
+def _audio(path: Path) -> np.ndarray:
+    recover(path)  # a file still open (or left by the crash): its header made to cover it all
+    return sf.read(path, dtype="int16")[0]
+
+
+def test_killed_recorder_keeps_every_segment(tmp_path: Path) -> None:
+    """SIGKILL in the middle of the second phrase: finished segments are complete and listed, the
+    open one holds everything the sink had written up to 1 s before the kill."""
+    out = tmp_path / "out"
+    delivered, killed_at = _record_until_killed(out, 3.3)
+    frames = [frame for _, frame in delivered]
+    early = _replay(tmp_path / "early", [f for t, f in delivered if t < killed_at - 1.0], finish=False)
+    full = _replay(tmp_path / "full", frames, finish=True)
+    lines = _manifest(out)  # whole lines only (each is written and flushed at once)
+    listed = {line["file"] for line in lines}
+    # finished segments: their lines and files, exactly as without the crash
+    assert lines == [s.manifest_line() for s in full.segments[: len(lines)]]
+    for line in lines:
+        assert np.array_equal(_audio(out / line["file"]), _audio(tmp_path / "full" / line["file"]))
+        assert sf.info(str(out / line["file"])).frames == line["frames"]
+    # what the sink had handed to its files 1 s before the kill (known from its memory, not
+    # from the disk) survived: the segments it had finished, with their lines ...
+    assert lines[: len(early.segments)] == [s.manifest_line() for s in early.segments]
+    # ... and the one it was writing, every sample of it: the file the kill left open
+    writing = [u.writer for u in (state.utterance for state in early._users.values()) if u and u.writer]
+    assert writing, "the kill came before the second segment opened: nothing to check"
+    for writer in writing:
+        assert writer.frames_written > RATE // 10
+        after = _audio(out / writer.path.name)  # left open by the kill, made readable by recover()
+        assert writer.path.name not in listed and len(after) >= writer.frames_written
+        # a prefix of that segment as it would have ended: nothing but the recording
+        whole = _audio(tmp_path / "full" / writer.path.name)
+        assert np.array_equal(whole[: len(after)], after)
+        start = next(s.start for s in full.segments if s.file == writer.path.name)
+        gap = frames[-1].end / RATE - start - len(after) / RATE
+        print(f"vad: the open segment ends {gap:.3f} s before the last frame delivered")
+    assert sorted(p.name for p in out.glob("*.wav")) == sorted(listed | {w.path.name for w in writing})
+    early.cleanup()
