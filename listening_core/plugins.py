@@ -435,6 +435,15 @@ def _options_listing(spec: SinkSpec) -> str:
     return "valid options:\n" + "\n".join(f"  {info}" for info in infos)
 
 
+_IMPORT_PATH = re.compile(r"[.:/\\()]")
+"""Characters no sink name has and module, entry-point and file references do."""
+
+
+def _normalize(distribution: str) -> str:
+    """A distribution name as PyPI compares them (PEP 503): ``Listening_Sink.WAV`` → ``listening-sink-wav``."""
+    return re.sub(r"[-_.]+", "-", distribution.strip()).lower()
+
+
 def _did_you_mean(word: str, candidates: Iterable[str]) -> list[str]:
     return difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
 
@@ -876,9 +885,18 @@ class SinkRegistry:
         candidates = sorted(
             {spec.name for spec in installed} | set(KNOWN_DISTRIBUTIONS) | set(self._conflicts)
         )
+        # A distribution or module name ("listening-sink-wav", "listening_sink_wav:listening_sinks")
+        # for one of its sinks: name the sinks it provides (never import it to find out).
+        by_distribution: dict[str, list[str]] = {}
+        for spec in installed:
+            if spec.distribution:
+                by_distribution.setdefault(_normalize(spec.distribution), []).append(spec.name)
+        for sink, dist in KNOWN_DISTRIBUTIONS.items():
+            by_distribution.setdefault(_normalize(dist), []).append(sink)
+        provided = list(dict.fromkeys(by_distribution.get(_normalize(name.split(":")[0]), [])))
         partial = [c for c in candidates if len(key) >= 3 and (c.startswith(key) or key in c.split("-"))]
         exact = [key] if key in candidates else []
-        suggestions = [s for s in [*exact, *_did_you_mean(key, candidates), *partial] if s != name]
+        suggestions = [s for s in [*provided, *exact, *_did_you_mean(key, candidates), *partial] if s != name]
         suggestions = list(dict.fromkeys(suggestions))[:3]
         lines = [
             f"unknown sink {name!r}" + (f"; did you mean {_or_list(suggestions)}?" if suggestions else "")
@@ -925,11 +943,19 @@ class SinkRegistry:
                 lines.append(f"the {known[0]!r} sink comes with {install}: pip install {install}")
             elif (
                 SINK_NAME_RE.fullmatch(key)
+                and not provided  # a distribution's name, and it is installed: nothing to install
                 and key not in installed_names  # only the spelling was off ("Wav"): nothing to install
                 and f"listening-sink-{key}" not in {spec.distribution for spec in installed}
             ):
-                install = f"listening-sink-{key}"
+                install = key if key.startswith("listening-sink-") else f"listening-sink-{key}"
                 lines.append(f"if {key!r} comes from a plugin, install it: pip install {install}")
+        if _IMPORT_PATH.search(name):
+            # Someone tried a module, entry-point reference or file: say why that cannot work.
+            lines.append(
+                f"a sink is chosen by the name an installed plugin gives it (entry points of group "
+                f"{self._group!r}); a module, file or import path is never imported: install the "
+                "plugin's distribution, or pass the sink itself: vc.listen(MySink(...))"
+            )
         others = [ep for ep in self._failures if ep not in likely[:1]]
         if others:
             lines.append("plugins that failed to load:")
