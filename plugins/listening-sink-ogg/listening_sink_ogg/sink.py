@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -185,7 +186,9 @@ class OggOpusSink(AudioHandlingSink):
         )
         base = safe_filename(raw, fallback=str(frame.user_id))
         name, n = base, 1
-        while name.lower() in self._names:
+        # Never over an existing file (or through a link planted in the directory): an earlier
+        # session in the same directory, or another one running now, would lose its recording.
+        while name.lower() in self._names or os.path.lexists(self.directory / (name + self.extension)):
             n += 1
             name = f"{base}-{n}"
         self._names.add(name.lower())
@@ -212,7 +215,8 @@ class OggOpusSink(AudioHandlingSink):
                 comments.append(f"LISTENING_CORE_CHANNEL_ID={session.channel_id}")
         file = None
         try:
-            file = open(path, "wb", buffering=0)  # noqa: SIM115 - owned by the writer until finish()
+            # "xb": refuse to write through anything that appeared at this name since it was chosen
+            file = open(path, "xb", buffering=0)  # noqa: SIM115 - owned by the writer until finish()
             track.writer = OggOpusWriter(
                 file,
                 serial=frame.user_id,

@@ -32,6 +32,7 @@ from listening_core.plugins import OptionsError, default_registry, describe
 from listening_core.sinks import SessionInfo, SinkError
 from listening_core.testing import LocalDiscord, Schedule, record
 from listening_core.testing.media import SILENCE_FRAME, OpusEncoder, load_pcm, reference_decode
+from listening_core.testing.recording import fill_disk
 
 FRAME = 960
 HERE = Path(__file__).parent
@@ -309,7 +310,13 @@ async def test_recording_is_byte_exact_and_placed_on_the_timeline(
 async def test_disk_full_surfaces_in_after_and_spares_the_others(
     local_discord: LocalDiscord, tmp_path: Path
 ) -> None:
-    (tmp_path / "bob.opus").symlink_to("/dev/full")
+    """Bob's file hits a full disk mid-session (its descriptor is pointed at /dev/full): ``after``
+    gets the error, alice's file is whole, and bob's keeps the pages written before."""
+
+    async def fill(rec: Any) -> None:
+        await asyncio.sleep(2.0)
+        fill_disk(rec.sink.tracks[rec.members["bob"].user_id].path)
+
     rec = await record(
         local_discord,
         "ogg-opus",
@@ -321,11 +328,14 @@ async def test_disk_full_surfaces_in_after_and_spares_the_others(
         settle=0.0,
         lead=0.0,
         timeout=20,
+        during=fill,
     )
     sink, error, alice, bob = rec.sink, rec.error, rec.members["alice"], rec.members["bob"]
     assert isinstance(error, SinkError) and "bob.opus" in str(error)
     assert isinstance(error.__cause__, OSError)
     assert list(sink.errors) == [bob.user_id]
+    kept = [p for _, p in read_packets(tmp_path / "bob.opus")]
+    assert kept and kept == [s.opus for s in bob.sent if s.opus != SILENCE_FRAME][: len(kept)]
     packets = read_packets(tmp_path / "alice.opus")
     assert [p for _, p in packets] == [s.opus for s in alice.sent]
     assert read_stream(tmp_path / "alice.opus").complete
@@ -363,3 +373,24 @@ def test_sigkill_leaves_a_readable_file(tmp_path: Path) -> None:
     must_have = [d for d in delivered if d[0] < killed_at - 1.0]
     assert must_have and len(packets) >= len(must_have)
     assert len(decode_to_pcm(tmp_path / "alice.opus")) == stream.granule * 4
+
+
+async def test_an_existing_file_is_never_overwritten(local_discord: LocalDiscord, tmp_path: Path) -> None:
+    """A second session into the same directory, and a link planted at the name, are left alone."""
+    earlier = tmp_path / "alice.opus"
+    earlier.write_bytes(b"an earlier session's recording")
+    (tmp_path / "alice-2.opus").symlink_to(tmp_path / "elsewhere")
+    rec = await record(
+        local_discord,
+        "ogg-opus",
+        options={"directory": str(tmp_path)},
+        schedules={"alice": Schedule.from_clips([("alice", 0.0)])},
+        settle=0.0,
+        lead=0.0,
+        timeout=20,
+    )
+    assert rec.error is None
+    assert earlier.read_bytes() == b"an earlier session's recording"
+    assert not (tmp_path / "elsewhere").exists()
+    alice = rec.members["alice"]
+    assert [p for _, p in read_packets(tmp_path / "alice-3.opus")] == [s.opus for s in alice.sent]
