@@ -186,6 +186,15 @@ class JitterBuffer:
         """The next sequence number to release (``None`` before the first packet)."""
         return self._expected
 
+    def out_of_line(self, sequence: int) -> bool:
+        """Whether pushing ``sequence`` would restart the stream: it is more than :attr:`WINDOW`
+        behind ``expected`` or more than ``max_gap`` ahead of it."""
+        expected = self._expected
+        if expected is None:
+            return False
+        d = seq_diff(sequence, expected)
+        return d < -_WINDOW or d > self._max_gap
+
     def next_deadline(self) -> float | None:
         """When :meth:`poll` next has something to release, or ``None`` if nothing is held."""
         return self._deadline

@@ -15,10 +15,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from discord.voice_client import VoiceClient
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from listening_core.crypto import (
+    DAVE_MAGIC,
     OPUS_SILENCE,
     SUPPORTED_MODES,
     AesGcmCipher,
@@ -188,6 +189,71 @@ def test_open_random_bytes_raises_only_packet_error(data: bytes, mode: str) -> N
             cipher.open_rtp(datagram)
         with contextlib.suppress(PacketError):
             cipher.open_rtcp(datagram)
+
+
+@pytest.mark.parametrize(("csrc", "ext_body", "padding"), [((), b"", 0), ((7, 8), bytes(8), 3)])
+def test_every_bit_of_a_packet_is_authenticated(
+    cipher: TransportCipher, csrc: tuple[int, ...], ext_body: bytes, padding: int
+) -> None:
+    packet = cipher.seal_rtp(
+        RtpHeader(True, 120, 5, 960, 77, csrc), OPUS, extension_body=ext_body, padding=padding, counter=9
+    )
+    for i in range(len(packet)):
+        for bit in range(8):
+            with pytest.raises(PacketError):
+                cipher.open_rtp(packet[:i] + bytes((packet[i] ^ 1 << bit,)) + packet[i + 1 :])
+
+
+@given(
+    sequence=st.integers(0, 0xFFFF),
+    csrc=st.lists(st.integers(0, 0xFFFFFFFF), max_size=3).map(tuple),
+    ext_words=st.integers(0, 4),
+    padding=st.integers(0, 40),
+    payload=st.binary(max_size=200),
+    mode=st.sampled_from(SUPPORTED_MODES),
+    mutation=st.sampled_from(["flip", "set", "truncate", "extend", "cut", "splice"]),
+    data=st.data(),
+)
+@settings(max_examples=400, deadline=None)
+def test_a_changed_packet_never_opens(
+    sequence: int,
+    csrc: tuple[int, ...],
+    ext_words: int,
+    padding: int,
+    payload: bytes,
+    mode: str,
+    mutation: str,
+    data: st.DataObject,
+) -> None:
+    """Any change to a sealed packet (clear header, extension, payload, padding, tag, counter,
+    length) makes it fail with the documented packet error, never opening, never anything else."""
+    cipher = transport_cipher(mode, KEY)
+    ext_body = data.draw(st.binary(min_size=4 * ext_words, max_size=4 * ext_words))
+    packet = cipher.seal_rtp(
+        RtpHeader(False, 120, sequence, 960 * sequence, 0x1234, csrc),
+        payload,
+        extension_body=ext_body,
+        padding=padding,
+        counter=sequence,
+    )
+    n = len(packet)
+    i = data.draw(st.integers(0, n - 1))
+    if mutation == "flip":
+        mutated = packet[:i] + bytes((packet[i] ^ data.draw(st.integers(1, 255)),)) + packet[i + 1 :]
+    elif mutation == "set":
+        mutated = packet[:i] + bytes((data.draw(st.integers(0, 255)),)) + packet[i + 1 :]
+    elif mutation == "truncate":
+        mutated = packet[:i]
+    elif mutation == "extend":
+        mutated = packet + data.draw(st.binary(min_size=1, max_size=40))
+    elif mutation == "cut":
+        mutated = packet[:i] + packet[i + data.draw(st.integers(1, 8)) :]
+    else:
+        mutated = packet[:i] + data.draw(st.binary(min_size=1, max_size=16)) + packet[i:]
+    assume(mutated != packet)
+    with pytest.raises(PacketError) as info:
+        cipher.open_rtp(mutated)
+    assert info.value.reason in {"truncated", "bad-version", "bad-extension", "bad-tag", "bad-padding"}
 
 
 # -- against discord.py 2.7.1's own sending code ----------------------------------------------
@@ -453,6 +519,43 @@ def test_unknown_davey_error_is_dave_failed() -> None:
             return False
 
     assert _dave_reason(Broken(), SPEAKER_ID, OPUS) == "dave-failed"
+
+
+@given(
+    how=st.sampled_from(["size", "magic", "cut-trailer", "body", "truncate", "append"]),
+    opus=st.binary(min_size=1, max_size=120),
+    data=st.data(),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_broken_dave_frame_is_refused_with_a_reason(
+    dave_pair: tuple[davey.DaveSession, davey.DaveSession], how: str, opus: bytes, data: st.DataObject
+) -> None:
+    """A DAVE frame with a lying trailer size, bad magic, cut supplemental bytes, a tampered body,
+    cut short or lengthened: refused with DaveError and a reason, whatever the bytes."""
+    bot, speaker = dave_pair
+    frame = bytes(speaker.encrypt_opus(opus))  # its length varies (the nonce grows): draw positions apart
+    n = len(frame)
+    where, value = data.draw(st.integers(0, 1 << 16)), data.draw(st.integers(1, 255))
+    if how == "size":  # the supplemental size byte, just before the magic
+        mutated = frame[:-3] + bytes((frame[-3] ^ value,)) + frame[-2:]
+    elif how == "magic":
+        i = n - 1 - where % 2
+        mutated = frame[:i] + bytes((frame[i] ^ value,)) + frame[i + 1 :]
+    elif how == "cut-trailer":  # supplemental bytes cut short, the magic kept
+        mutated = frame[: -(3 + where % 10)] + DAVE_MAGIC
+    elif how == "body":
+        i = where % (n - 3)
+        mutated = frame[:i] + bytes((frame[i] ^ value,)) + frame[i + 1 :]
+    elif how == "truncate":
+        mutated = frame[: where % n]
+    else:
+        mutated = frame + bytes((value,)) * (1 + where % 20)
+    assume(mutated != frame and mutated != OPUS_SILENCE)
+    with pytest.raises(DaveError) as info:
+        dave_decrypt(bot, SPEAKER_ID, mutated, protocol_version=1)
+    assert info.value.reason in {"no-key", "unencrypted", "dave-failed"}
+    if not mutated.endswith(DAVE_MAGIC):
+        assert info.value.reason == "unencrypted"  # not a DAVE frame, and passthrough is off
 
 
 def test_is_dave_frame() -> None:

@@ -345,6 +345,16 @@ def test_flush_conceals_inner_gaps_and_keeps_the_stream() -> None:
     assert seqs(jb.push(6, 6 * STEP, opus(6), 0.04)) == [6]
 
 
+def test_out_of_line_tells_which_packets_restart_the_stream() -> None:
+    jb = JitterBuffer(max_gap=500)
+    assert not jb.out_of_line(123)  # the first packet starts the stream, whatever it is
+    jb.push(1000, 0, opus(0), 0.0)
+    assert jb.expected == 1001
+    assert not any(jb.out_of_line(seq_add(1001, d)) for d in (-JitterBuffer.WINDOW, -1, 0, 1, 500))
+    assert jb.out_of_line(seq_add(1001, -JitterBuffer.WINDOW - 1)) and jb.out_of_line(1001 + 501)
+    assert jb.stats.resets == 0  # asking changes nothing
+
+
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="max_delay"):
         JitterBuffer(-1.0)
@@ -502,8 +512,10 @@ def test_property_arbitrary_input_never_releases_out_of_order(
         if poll:
             out = jb.poll(now)
         else:
+            restarts = jb.out_of_line(seq)
             out = jb.push(seq, ts_add(0, delta * STEP), opus(delta & 0xFF), now)
             pushes += 1
+            assert (jb.stats.resets != resets) == restarts
         reset = jb.stats.resets != resets
         for k, p in enumerate(out):
             # after a reset, only the new packet (the last one out) may jump
@@ -512,5 +524,52 @@ def test_property_arbitrary_input_never_releases_out_of_order(
             prev = p.sequence
         assert jb.held <= 30
     s = jb.stats
+    assert s.received + s.duplicates + s.late == pushes
+    assert s.recovered_fec + s.concealed == s.lost
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.integers(-10, 60), st.integers(0, 0xFFFF).map(lambda seq: ("far", seq))),
+            st.integers(0, 0xFFFFFFFF),
+            st.floats(0.0, 0.1),
+            st.booleans(),
+        ),
+        max_size=300,
+    ),
+    st.integers(1, 16),
+)
+def test_property_hostile_input_stays_bounded(
+    steps: list[tuple[int | tuple[str, int], int, float, bool]], max_packets: int
+) -> None:
+    """Any sequence numbers and timestamps at all (a sender gone mad, or forged packets that got
+    through): never more than max_packets held, every packet counted once, every output in order
+    but where the stream restarted, and nothing raised."""
+    jb = JitterBuffer(0.06, has_fec=lambda p: True, max_packets=max_packets)
+    now = 0.0
+    prev: int | None = None
+    seq = 0
+    pushes = 0
+    for step, ts, dt, poll in steps:
+        now += dt
+        seq = step[1] if isinstance(step, tuple) else seq_add(seq, step)  # far away, or near the last
+        resets = jb.stats.resets
+        if poll:
+            out = jb.poll(now)
+        else:
+            out = jb.push(seq, ts, opus(seq & 0xFF), now)
+            pushes += 1
+        jumps = 0
+        for p in out:
+            if prev is not None and p.sequence != seq_add(prev, 1):
+                jumps += 1
+            prev = p.sequence
+        assert jumps <= jb.stats.resets - resets
+        assert jb.held <= max_packets
+    jb.flush()
+    s = jb.stats
+    assert jb.held == 0
     assert s.received + s.duplicates + s.late == pushes
     assert s.recovered_fec + s.concealed == s.lost

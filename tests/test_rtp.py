@@ -292,6 +292,23 @@ def test_extension_parser_raises_only_packet_error(profile: int, body: bytes) ->
         parse_extension_elements(profile, body)
 
 
+@given(st.lists(st.tuples(st.integers(1, 14), st.binary(min_size=1, max_size=16)), max_size=12))
+def test_one_byte_extension_elements_round_trip(elements: list[tuple[int, bytes]]) -> None:
+    body = build_extension_body(elements)
+    assert len(body) % 4 == 0
+    assert parse_extension_elements(ONE_BYTE_PROFILE, body) == elements
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 255), st.binary(max_size=255)), max_size=6),
+    st.integers(0x1000, 0x100F),
+)
+def test_two_byte_extension_elements_round_trip(elements: list[tuple[int, bytes]], profile: int) -> None:
+    body = build_extension_body(elements, two_byte=True)
+    assert len(body) % 4 == 0
+    assert parse_extension_elements(profile, body) == elements
+
+
 # -- RTCP -------------------------------------------------------------------------------------
 
 
