@@ -25,6 +25,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import queue
 import threading
 import time
@@ -33,7 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .crypto import TransportCipher, dave_decrypt, transport_cipher
+from .crypto import OPUS_SILENCE, TransportCipher, dave_decrypt, transport_cipher
 from .errors import PacketError
 from .jitter import FrameKind as JitterKind
 from .jitter import JitterBuffer, Playout
@@ -69,8 +70,28 @@ class ListenOptions:
     spurt_gap: float = 0.1
     """A pause in arrivals longer than this starts a new talk spurt (re-checked on the timeline)."""
     max_held_per_stream: int = 256
+    """At most this many packets of one SSRC are held: from an SSRC no user is mapped to yet, or
+    waiting for their DAVE key (beyond it, the oldest is dropped, counted)."""
     stop_grace: float = 0.05
     """After stop(), datagrams are still read this long: what was already in the socket is delivered."""
+
+    def __post_init__(self) -> None:
+        # Checked here, before listen() starts anything: a bad value used to surface only in the
+        # receiver thread (a negative tick killed it, leaving the session, its workers and its
+        # threads running and after never called; a tick of 0 made it spin).
+        for name, f in self.__dataclass_fields__.items():
+            value = getattr(self, name)
+            kind = int if f.type in (int, "int") else float
+            if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+                raise TypeError(f"ListenOptions.{name} must be {kind.__name__}, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"ListenOptions.{name} must be a finite number >= 0, got {value!r}")
+        if self.tick <= 0:
+            raise ValueError(f"ListenOptions.tick must be > 0 seconds, got {self.tick!r}")
+        if self.max_held_per_stream < 1:
+            raise ValueError(
+                f"ListenOptions.max_held_per_stream must be >= 1, got {self.max_held_per_stream!r}"
+            )
 
 
 @dataclass
@@ -137,6 +158,7 @@ class _Stream:
         "start_until",
         "timeline",
         "user_id",
+        "window",
         "worker",
     )
 
@@ -159,6 +181,7 @@ class _Stream:
         self.seen_duplicates = 0
         self.seen_late = 0
         self.worker: int | None = None
+        self.window = (0, 0)  # (first sequence, packets) of the last start window (see _start)
 
 
 _session_ids = iter(range(1, 1 << 62))
@@ -353,7 +376,7 @@ class AudioReceiver(threading.Thread):
         elif kind is PacketKind.RTCP:
             self._on_rtcp(data)
         elif kind is PacketKind.UNKNOWN:
-            self.unattributed["not-rtp"] += 1
+            self._drop(None, "not-rtp", "a datagram that is neither RTP, RTCP nor a keep-alive")
         # keep-alives and IP discovery are the connection's business
 
     def _on_rtp(self, data: bytes, now: float) -> None:
@@ -365,7 +388,7 @@ class AudioReceiver(threading.Thread):
         try:
             header = RtpHeader.parse(data)
         except PacketError as exc:
-            self.unattributed[exc.reason] += 1
+            self._drop(None, exc.reason, "an RTP header that does not parse")
             return
         user_id = vc._ssrc_to_user.get(header.ssrc)
         if header.ssrc in vc._video_ssrcs or header.payload_type != OPUS_PAYLOAD_TYPE:
@@ -380,7 +403,9 @@ class AudioReceiver(threading.Thread):
                         or len(self._not_audio_unmapped) < _MAX_UNMAPPED
                     ):
                         self._not_audio_unmapped[header.ssrc] += 1
-                    self.unattributed["not-audio"] += 1
+                    self._drop(
+                        None, "not-audio", "video, RTX or another payload type from an unannounced SSRC"
+                    )
                 return
             self._drop(user_id, "not-audio", "video, RTX or another payload type", count_packet=True)
             return
@@ -392,7 +417,9 @@ class AudioReceiver(threading.Thread):
         if self._paused:
             return
         with self._lock:
-            if self._paused:  # paused while this packet was being opened
+            # Paused, or the session ended, while this packet was being opened: _finish may already
+            # have drained every stream, and a packet counted now would never be delivered.
+            if self._paused or self._closed:
                 return
             if user_id is None:
                 held = self._unmapped.get(header.ssrc)
@@ -432,7 +459,7 @@ class AudioReceiver(threading.Thread):
             # any frame older than the first one it opens, so they are put in order first.
             stream.start_buffer.append((header.sequence, header.timestamp, payload, now))
             return
-        self._jitter(stream, stream.jitter.push(header.sequence, header.timestamp, payload, now), now)
+        self._push(stream, header.sequence, header.timestamp, payload, now, now)
 
     def _stream(self, ssrc: int, user_id: int, now: float) -> _Stream:
         stream = self._streams.get(ssrc)
@@ -461,8 +488,38 @@ class AudioReceiver(threading.Thread):
         seq0, ts0, payload0, arrival0 = buffered[0]
         estimate = min(arrival - ts_diff(ts, ts0) / SAMPLE_RATE for _, ts, _, arrival in buffered)
         buffered[0] = (seq0, ts0, payload0, min(arrival0, estimate))
+        stream.window = (seq0, len(buffered))
         for seq, ts, payload, arrival in buffered:
-            self._jitter(stream, stream.jitter.push(seq, ts, payload, arrival), now)
+            self._push(stream, seq, ts, payload, arrival, now)
+
+    def _push(self, stream: _Stream, seq: int, ts: int, payload: bytes, arrival: float, now: float) -> None:
+        """Give one packet to the stream's jitter buffer (lock held)."""
+        if stream.jitter.out_of_line(seq):
+            # Far out of line, a packet restarts the stream: the jitter buffer starts over from it
+            # and the timeline follows the jump. A real restart's frame opens; a stale copy (a
+            # replay, or a datagram held up for seconds) does not, as DAVE never opens a frame
+            # twice, and a silence frame proves nothing. Pushed, one replayed packet moved the
+            # rest of the member's track and concealed the frames across the jump.
+            opus = None if payload == OPUS_SILENCE else self._dave_open(stream, payload)
+            if opus is None:
+                self._drop(stream.user_id, "stale", "a stale copy of an old packet (replayed, or held up)")
+                return
+            stream.opened[seq] = opus  # _open takes it from here: DAVE would refuse it a second time
+        self._jitter(stream, stream.jitter.push(seq, ts, payload, arrival), now)
+
+    def _dave_open(self, stream: _Stream, payload: bytes) -> bytes | None:
+        """``payload`` with its DAVE layer opened, or None if it does not open (yet)."""
+        conn = self.voice_client._connection
+        try:
+            return dave_decrypt(
+                conn.dave_session,
+                stream.user_id,
+                payload,
+                protocol_version=conn.dave_protocol_version,
+                downgraded=bool(getattr(conn, "dave_downgraded", False)),
+            )
+        except Exception:
+            return None
 
     def _jitter(self, stream: _Stream, out: list[Playout], now: float) -> None:
         """Count what the jitter buffer dropped and open the DAVE layer of what it released."""
@@ -514,8 +571,15 @@ class AudioReceiver(threading.Thread):
                     if reason == "no-key" and not final:
                         if stream.blocked_since is None:
                             stream.blocked_since = now
-                        if now - stream.blocked_since < self.options.dave_hold and not self._later_opens(
-                            stream
+                        # Each frame waits dave_hold from its own arrival, and at most
+                        # max_held_per_stream frames wait: timed from when it reached the head of
+                        # the queue, a stream whose frames never open let one through per
+                        # dave_hold while the rest queued behind it without bound.
+                        since = item.arrival if item.arrival is not None else stream.blocked_since
+                        if (
+                            now - since < self.options.dave_hold
+                            and len(q) <= self.options.max_held_per_stream
+                            and not self._later_opens(stream)
                         ):
                             return  # wait for the key
                     q.popleft()
@@ -574,7 +638,14 @@ class AudioReceiver(threading.Thread):
         arrival = item.arrival
         spurt_start = False
         if arrival is not None:
-            spurt_start = arrival - stream.last_placed_arrival > self.options.spurt_gap
+            # Only the first packet of a start window can begin a spurt: the window's packets
+            # came together (after a delay spike, or from a sender catching up), and measured
+            # against the first one's arrival, an estimate that can lie well before theirs, they
+            # looked like a new spurt: re-anchored late, leaving a hole after the first frame and
+            # the rest of the spurt shifted by the spike.
+            first, span = stream.window
+            in_window = 0 < seq_diff(item.sequence, first) < span
+            spurt_start = not in_window and arrival - stream.last_placed_arrival > self.options.spurt_gap
             stream.last_placed_arrival = arrival
         position = stream.timeline.place(item.timestamp, arrival, spurt_start=spurt_start)
         frame = AudioFrame(
@@ -664,10 +735,10 @@ class AudioReceiver(threading.Thread):
             while held and (final or now - held[0][2] > self.options.unmapped_hold):
                 held.popleft()
                 self.unattributed["unknown-ssrc"] += 1
+                # once, not once per SSRC: a flood of made-up SSRCs must not flood the log (nor
+                # grow the set of warnings given, which lives as long as the session)
                 self._warn_once(
-                    None,
-                    f"unmapped-{ssrc}",
-                    f"packets from SSRC {ssrc}, which no user was mapped to, were dropped",
+                    None, "unmapped", f"packets from SSRC {ssrc}, which no user was mapped to, were dropped"
                 )
             if not held:
                 del self._unmapped[ssrc]
@@ -735,7 +806,7 @@ class AudioReceiver(threading.Thread):
             plain = cipher.open_rtcp(data)
             head = RtcpHeader.parse(plain)
         except PacketError as exc:
-            self.unattributed["rtcp-" + exc.reason] += 1
+            self._drop(None, "rtcp-" + exc.reason, "an RTCP packet that does not open")
             return
         user_id = self.voice_client._ssrc_to_user.get(head.ssrc)
         self._delivery.put(RtcpPacket(head.ssrc, user_id, head.packet_type, plain))
@@ -805,6 +876,7 @@ class AudioReceiver(threading.Thread):
     def _drop(self, user_id: int | None, reason: str, what: str, *, count_packet: bool = False) -> None:
         if user_id is None:
             self.unattributed[reason] += 1
+            self._warn_once(None, reason, f"{what} ({reason}); the datagram was dropped")
             return
         stats = self.stats[user_id]
         if count_packet:
