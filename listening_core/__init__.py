@@ -25,6 +25,7 @@ __all__ = [
     "FrameKind",
     "ListenOptions",
     "ListeningError",
+    "ListeningInterrupted",
     "RtcpPacket",
     "UserStats",
     "VoiceClient",
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
         RtcpPacket,
     )
     from .unpacker import AudioUnpacker
-    from .voice_client import VoiceClient
+    from .voice_client import ListeningInterrupted, VoiceClient
 
 # Imported on first use, so that worker processes and the pytest plugin stay light.
 _LAZY = {
@@ -60,6 +61,7 @@ _LAZY = {
     "FrameKind": ".sinks",
     "ListenOptions": ".receiver",
     "ListeningError": ".errors",
+    "ListeningInterrupted": ".voice_client",
     "RtcpPacket": ".sinks",
     "UserStats": ".receiver",
     "VoiceClient": ".voice_client",

@@ -12,6 +12,12 @@ users (op 5), to see members connect and disconnect (ops 11 and 13) and to learn
 video (op 12), and dispatches ``on_listening_member_connect(member, vc)`` and
 ``on_listening_member_disconnect(member, vc)``; while listening, also
 ``on_listening_speaking_start(member, vc)`` and ``on_listening_speaking_stop(member, vc)``.
+
+A listening session lasts as long as the voice connection: when the bot leaves voice (by
+:meth:`VoiceClient.disconnect`, or because Discord removed it) or is moved to another channel,
+the session ends like :meth:`VoiceClient.stop_listening` (everything received is delivered and
+the sink cleaned up) and ``after`` gets a :class:`ListeningInterrupted` that says which. A voice
+server change or a resumed voice websocket does not end it: the same sink goes on.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
-from discord.voice_state import VoiceConnectionState
+from discord.utils import MISSING
+from discord.voice_state import ConnectionFlowState, VoiceConnectionState
 
 from .errors import ListeningError
 from .pool import AudioProcessPool
@@ -38,7 +46,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["RECEIVE_BUFFER", "ListeningStateError", "VoiceClient"]
+__all__ = ["RECEIVE_BUFFER", "ListeningInterrupted", "ListeningStateError", "VoiceClient"]
 
 RECEIVE_BUFFER = 4 * 1024 * 1024
 """Bytes of socket receive buffer asked for while listening (several seconds of a large call)."""
@@ -46,6 +54,93 @@ RECEIVE_BUFFER = 4 * 1024 * 1024
 
 class ListeningStateError(ListeningError, RuntimeError):
     """``listen`` and friends were called in a state that does not allow it (the message says why)."""
+
+
+class ListeningInterrupted(ListeningError):
+    """The listening session ended because the voice connection did; handed to ``after``.
+
+    :attr:`reason` is ``"disconnected"`` (the bot left voice, or Discord removed it: kicked, the
+    channel deleted, a connection that could not be restored) or ``"moved"`` (the bot is now in
+    another channel, whose audio does not belong in this recording). Everything received before
+    is in the sink, which was cleaned up as after :meth:`VoiceClient.stop_listening`. A sink's
+    own failure takes precedence: ``after`` then gets that error instead.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ListeningInterrupted], tuple[str, str]]:
+        return (type(self), (self.reason, str(self)))
+
+
+class _ConnectionState(VoiceConnectionState):
+    """discord.py 2.7's voice connection state, with three of its reconnection flaws mended, so
+    that a recording survives what a long-lived voice connection meets.
+
+    - Resume: after close code 4015 ("voice server crashed, resume") discord.py sends a new voice
+      state update and waits for fresh voice state and server updates, which, arriving while it
+      still counts itself connected, never complete its flow; and it would then wait for a
+      session description, which a resumed session is not sent again. It stalled until its
+      timeout and left the channel, ending the recording. A resume needs neither: a new
+      websocket, RESUME (op 7) with the same session, token and ``seq_ack``, and the transport
+      key kept; the UDP socket, and so the audio, never stopped. If the server refuses the
+      resume (it closes the new websocket, e.g. with 4006), discord.py's own reconnection takes
+      over from there.
+    - State changes are never missed (:meth:`_wait_for_state`): a move hung for the whole
+      connect timeout, then left voice.
+    - A new UDP socket wakes the reader thread (:meth:`_create_socket`): ``move_to`` hung for
+      30 s.
+    """
+
+    async def _connect(
+        self, reconnect: bool, timeout: float, self_deaf: bool, self_mute: bool, resume: bool
+    ) -> None:
+        previous = self.ws
+        if not resume or previous is MISSING or not previous.secret_key:
+            await super()._connect(reconnect, timeout, self_deaf, self_mute, resume)
+            return
+        _log.info("resuming the voice websocket")
+        if previous._keep_alive is not None:  # its socket is closed: stop its heartbeats
+            previous._keep_alive.stop()
+        try:
+            ws = await asyncio.wait_for(self._connect_websocket(True), timeout=timeout)
+        except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+            _log.warning("could not resume the voice websocket (%r); connecting afresh", exc)
+            await self.disconnect(cleanup=False)
+            await super()._connect(reconnect, timeout, self_deaf, self_mute, False)
+            return
+        ws.secret_key = previous.secret_key
+        self.ws = ws
+        self.state = ConnectionFlowState.connected
+
+    def _create_socket(self) -> None:
+        old = self.socket
+        super()._create_socket()
+        if isinstance(old, socket.socket) and old is not self.socket:
+            # discord.py's reader thread may sit in select() on the old socket for up to 30 s: a
+            # move made by the bot (move_to) opens a new socket, and nothing comes to the old one
+            # any more. Shutting the old one down wakes the reader, which then reads the new one.
+            # (The move hung until then: the new server's IP discovery answer went unread.)
+            with contextlib.suppress(OSError):
+                old.shutdown(socket.SHUT_RDWR)
+
+    async def _wait_for_state(
+        self, state: ConnectionFlowState, *other_states: ConnectionFlowState, timeout: float | None = None
+    ) -> None:
+        # discord.py sets and at once clears _state_event on every change of state: a waiter whose
+        # wait() has not started running yet misses the change and sleeps until its timeout. A
+        # move to another channel hung that way for the whole connect timeout, then gave up and
+        # left voice. So the state is looked at again at least every 50 ms.
+        states = (state, *other_states)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self.state not in states:
+            wait = 0.05 if deadline is None else min(0.05, deadline - loop.time())
+            if wait <= 0:
+                raise TimeoutError(f"voice connection state {self.state.name} did not change in time")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._state_event.wait(), wait)
 
 
 class VoiceClient(discord.VoiceClient):
@@ -60,15 +155,20 @@ class VoiceClient(discord.VoiceClient):
         self._receiver: AudioReceiver | None = None
         self._last_receiver: AudioReceiver | None = None
         self._attached: tuple[AudioReceiver, ...] = ()  # sessions still reading datagrams
+        # sessions ended by a move, with the transport key of the channel they recorded: they
+        # read the datagrams still coming under that key, never the new channel's
+        self._moved: dict[AudioReceiver, Any] = {}
         self._reading = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._aes: tuple[bytes, Any] | None = None
+        self._interruption: list[BaseException] = []  # why the connection ended the session, if it did
         super().__init__(client, channel)
 
     def create_connection_state(self) -> VoiceConnectionState:
         """discord.py's connection state, with this client's hook on the voice websocket (it maps SSRCs
-        to users and sees members connect and disconnect)."""
-        return VoiceConnectionState(self, hook=self._websocket_hook)
+        to users and sees members connect and disconnect) and its reconnection mended (see
+        :class:`_ConnectionState`)."""
+        return _ConnectionState(self, hook=self._websocket_hook)
 
     # -- the voice websocket hook ---------------------------------------------------------------
 
@@ -149,9 +249,15 @@ class VoiceClient(discord.VoiceClient):
 
     def _detach(self, receiver: AudioReceiver) -> None:
         self._attached = tuple(r for r in self._attached if r is not receiver)
+        self._moved.pop(receiver, None)
 
     def _on_datagram(self, data: bytes) -> None:
+        moved = self._moved
         for receiver in self._attached:  # between sessions: none, the datagram is dropped
+            if moved:
+                key = moved.get(receiver)
+                if key is not None and self._connection.secret_key != key:
+                    continue  # the other channel's audio: not for a session of this one
             receiver.on_datagram(data)
 
     # -- AES-GCM playback (discord.py 2.7 only sends XChaCha) -------------------------------------
@@ -194,6 +300,11 @@ class VoiceClient(discord.VoiceClient):
             )
         if self._current() is not None:
             raise ListeningStateError("already listening; call stop_listening() first")
+        if listen_options is not None and not isinstance(listen_options, ListenOptions):
+            # before anything starts: the receiver thread would die on it, leaving the session running
+            raise TypeError(
+                f"listen_options must be a listening_core.ListenOptions, not {type(listen_options).__name__}"
+            )
         from .plugins import default_registry
 
         registry = default_registry()
@@ -219,22 +330,31 @@ class VoiceClient(discord.VoiceClient):
                     sink.cleanup()  # built for this session, which will not start
                 raise
 
+        # Set when the voice connection ends the session (see _end_session): what after() and
+        # the plugins hear of, unless the sink failed, which says more.
+        interruption: list[BaseException] = []
+
         def finished(done: AudioSink, error: BaseException | None = None) -> None:
+            error = error or next(iter(interruption), None)
             if not specs:
                 registry.session_finished(done, None, error)
             for name, spec in specs.items():
                 registry.session_finished(done[name] if isinstance(done, MultiSink) else done, spec, error)
 
+        def after_session(done: AudioSink, error: BaseException | None) -> Any:
+            return None if after is None else after(done, error or next(iter(interruption), None))
+
         receiver = AudioReceiver(
             self,
             sink,
             pool=pool,
-            after=after,
+            after=after_session,
             options=listen_options,
             own_pool=own_pool,
             on_finished=finished,
         )
         self._receiver = receiver
+        self._interruption = interruption
         receiver.start()
         return sink
 
@@ -297,9 +417,41 @@ class VoiceClient(discord.VoiceClient):
         receiver = self._receiver or self._last_receiver
         return dict(receiver.stats) if receiver is not None else {}
 
-    async def disconnect(self, *, force: bool = False) -> None:
-        """Stop listening (the sink is finished and ``after`` called), then disconnect."""
+    def _end_session(self, reason: str, message: str) -> None:
+        """End the listening session because the voice connection ended or moved (``after`` hears
+        :class:`ListeningInterrupted`); no-op when not listening."""
+        if self._current() is None:
+            return
+        _log.info("listening session ended: %s", message)
+        self._interruption.append(ListeningInterrupted(reason, message))
+        if reason == "moved" and self._receiver is not None:
+            self._moved[self._receiver] = list(self._connection.secret_key or ())
         self.stop_listening()
+
+    async def on_voice_state_update(self, data: Any) -> None:
+        """discord.py's handler; a move to another channel first ends the listening session."""
+        channel_id = data.get("channel_id")
+        if channel_id is not None and self.channel is not None and int(channel_id) != self.channel.id:
+            self._end_session(
+                "moved", f"the bot was moved from voice channel {self.channel.id} to {channel_id}"
+            )
+        await super().on_voice_state_update(data)
+
+    def cleanup(self) -> None:
+        """discord.py calls this when the connection is gone for good (however it ended): the
+        listening session ends with it, rather than waiting forever for audio."""
+        self._end_session(
+            "disconnected",
+            "disconnected from voice by Discord (removed from the channel, the channel deleted, "
+            "or the connection could not be restored)",
+        )
+        self._reading = False  # discord.py dropped its socket listeners
+        super().cleanup()
+
+    async def disconnect(self, *, force: bool = False) -> None:
+        """End listening (the sink is finished and ``after`` gets a :class:`ListeningInterrupted`
+        saying so), then disconnect. Call :meth:`stop_listening` first for a plain stop."""
+        self._end_session("disconnected", "VoiceClient.disconnect() was called while listening")
         await super().disconnect(force=force)
         self._reading = False  # discord.py dropped its socket listeners
         with contextlib.suppress(TimeoutError):
