@@ -91,6 +91,8 @@ class _ConnectionState(VoiceConnectionState):
       connect timeout, then left voice.
     - A new UDP socket wakes the reader thread (:meth:`_create_socket`): ``move_to`` hung for
       30 s.
+    - Leaving expects Discord's confirmation before asking (:meth:`_voice_disconnect`): a
+      ``disconnect()`` could wait its whole timeout.
     """
 
     async def _connect(
@@ -124,6 +126,26 @@ class _ConnectionState(VoiceConnectionState):
             # (The move hung until then: the new server's IP discovery answer went unread.)
             with contextlib.suppress(OSError):
                 old.shutdown(socket.SHUT_RDWR)
+
+    async def _voice_disconnect(self) -> None:
+        # discord.py marks the disconnect as expected, and clears the event its confirmation sets,
+        # only after the gateway send has returned. Discord's confirmation (a voice state update
+        # without a channel) handled in between was taken for an external disconnect, which
+        # started a second one, and the first then waited its whole timeout for the confirmation
+        # it had just cleared. Both are done before asking, as nothing can confirm before that.
+        _log.info(
+            "The voice handshake is being terminated for Channel ID %s (Guild ID %s)",
+            self.voice_client.channel.id,
+            self.voice_client.guild.id,
+        )
+        self.state = ConnectionFlowState.disconnected
+        self._expecting_disconnect = True
+        self._disconnected.clear()
+        try:
+            await self.voice_client.channel.guild.change_voice_state(channel=None)
+        except BaseException:
+            self._expecting_disconnect = False  # nothing was asked: a later update is not ours
+            raise
 
     async def _wait_for_state(
         self, state: ConnectionFlowState, *other_states: ConnectionFlowState, timeout: float | None = None

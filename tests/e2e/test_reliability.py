@@ -577,6 +577,34 @@ async def test_disconnect_or_move_ends_the_session_cleanly(how: str, tmp_path: A
             await close_client(client)
 
 
+async def test_disconnect_confirmed_before_the_gateway_send_returns_is_prompt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """discord.py marked its own disconnect as expected only after the gateway send returned; a
+    confirmation (voice state update without a channel) handled before that was taken for an
+    external disconnect, started a second one, and the first then waited its whole timeout (30 s)
+    for a confirmation it had cleared itself. The example bot overran its shutdown that way."""
+    original = discord.Guild.change_voice_state
+
+    async def confirmed_first(self: discord.Guild, **kwargs: Any) -> None:
+        await original(self, **kwargs)
+        if kwargs.get("channel", True) is None:
+            await asyncio.sleep(0.5)  # Discord's confirmation is handled meanwhile
+
+    async with LocalDiscord() as local:
+        alice = local.add_member("alice")
+        client, vc = await _ready_call(local, alice)
+        try:
+            monkeypatch.setattr(discord.Guild, "change_voice_state", confirmed_first)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await asyncio.wait_for(vc.disconnect(), timeout=20)
+            assert loop.time() - started < 10, "disconnect waited for a confirmation it had already had"
+            assert not vc.is_connected()
+        finally:
+            await close_client(client)
+
+
 # -- 5. delay spikes ----------------------------------------------------------------------------------
 
 
