@@ -152,6 +152,8 @@ def _voice_client(mode: str, key: bytes, dave: DaveClient, loop: Any) -> tuple[V
     vc._reading = False
     vc._tasks = set()
     vc._aes = None
+    vc._moved = {}
+    vc._interruption = []
     vc.loop = loop
     vc.channel = SimpleNamespace(id=CHANNEL, guild=None)  # type: ignore[assignment]
     vc.client = SimpleNamespace(dispatch=lambda *args: None, get_user=lambda uid: None)  # type: ignore[assignment]
