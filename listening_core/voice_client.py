@@ -184,6 +184,7 @@ class VoiceClient(discord.VoiceClient):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._aes: tuple[bytes, Any] | None = None
         self._interruption: list[BaseException] = []  # why the connection ended the session, if it did
+        self._leaving: asyncio.Event | None = None  # set when the disconnect under way is done
         super().__init__(client, channel)
 
     def create_connection_state(self) -> VoiceConnectionState:
@@ -474,7 +475,18 @@ class VoiceClient(discord.VoiceClient):
         """End listening (the sink is finished and ``after`` gets a :class:`ListeningInterrupted`
         saying so), then disconnect. Call :meth:`stop_listening` first for a plain stop."""
         self._end_session("disconnected", "VoiceClient.disconnect() was called while listening")
-        await super().disconnect(force=force)
+        if self._leaving is not None:
+            # A disconnect is under way (bot.close() while the bot leaves voice): a second one
+            # would clear the confirmation the first waits for, and both would wait their whole
+            # timeout. This one waits for the first instead.
+            await self._leaving.wait()
+            return
+        self._leaving = asyncio.Event()
+        try:
+            await super().disconnect(force=force)
+        finally:
+            self._leaving.set()
+            self._leaving = None
         self._reading = False  # discord.py dropped its socket listeners
         with contextlib.suppress(TimeoutError):
             await self.wait_for_listen_ready(timeout=15.0)

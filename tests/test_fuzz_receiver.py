@@ -154,6 +154,7 @@ def _voice_client(mode: str, key: bytes, dave: DaveClient, loop: Any) -> tuple[V
     vc._aes = None
     vc._moved = {}
     vc._interruption = []
+    vc._leaving = None
     vc.loop = loop
     vc.channel = SimpleNamespace(id=CHANNEL, guild=None)  # type: ignore[assignment]
     vc.client = SimpleNamespace(dispatch=lambda *args: None, get_user=lambda uid: None)  # type: ignore[assignment]

@@ -605,6 +605,25 @@ async def test_disconnect_confirmed_before_the_gateway_send_returns_is_prompt(
             await close_client(client)
 
 
+async def test_a_disconnect_during_a_disconnect_waits_for_it() -> None:
+    """``bot.close()`` while the bot is leaving voice (a shutdown right after ``!stop``) calls
+    ``disconnect(force=True)`` again: a second disconnect cleared the confirmation the first
+    waited for, and both waited their whole timeout. The example bot overran its shutdown so."""
+    async with LocalDiscord() as local:
+        alice = local.add_member("alice")
+        client, vc = await _ready_call(local, alice)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            first = asyncio.ensure_future(vc.disconnect())
+            await asyncio.sleep(0)  # the first is under way
+            await asyncio.wait_for(asyncio.gather(first, vc.disconnect(force=True)), timeout=40)
+            assert loop.time() - started < 10, "the two disconnects waited for each other's confirmation"
+            assert not vc.is_connected()
+        finally:
+            await close_client(client)
+
+
 # -- 5. delay spikes ----------------------------------------------------------------------------------
 
 
