@@ -605,20 +605,12 @@ class AudioReceiver(threading.Thread):
 
     def _later_opens(self, stream: _Stream) -> bool:
         """Whether a frame queued after the blocked head opens (then the head never will)."""
-        conn = self.voice_client._connection
         for item in list(stream.pending)[1:]:
             if item.kind is not JitterKind.RECEIVED or item.sequence in stream.opened:
                 continue
             assert item.payload is not None
-            try:
-                opus = dave_decrypt(
-                    conn.dave_session,
-                    stream.user_id,
-                    item.payload,
-                    protocol_version=conn.dave_protocol_version,
-                    downgraded=bool(getattr(conn, "dave_downgraded", False)),
-                )
-            except Exception:
+            opus = self._dave_open(stream, item.payload)
+            if opus is None:
                 return False
             stream.opened[item.sequence] = opus
             return True
