@@ -171,6 +171,11 @@ class VoiceClient(discord.VoiceClient):
     supported_modes = ("aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize")  # type: ignore[assignment]
 
     def __init__(self, client: discord.Client, channel: discord.abc.Connectable) -> None:
+        self._init_listening()
+        super().__init__(client, channel)
+
+    def _init_listening(self) -> None:
+        """The client's own state, before discord.py's (also what a test's socket-less client needs)."""
         self._ssrc_to_user: dict[int, int] = {}
         self._video_ssrcs: set[int] = set()
         self._video_owner: dict[int, int] = {}  # video/RTX SSRC -> the user who announced it (op 12)
@@ -185,7 +190,6 @@ class VoiceClient(discord.VoiceClient):
         self._aes: tuple[bytes, Any] | None = None
         self._interruption: list[BaseException] = []  # why the connection ended the session, if it did
         self._leaving: asyncio.Event | None = None  # set when the disconnect under way is done
-        super().__init__(client, channel)
 
     def create_connection_state(self) -> VoiceConnectionState:
         """discord.py's connection state, with this client's hook on the voice websocket (it maps SSRCs

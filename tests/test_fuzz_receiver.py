@@ -143,18 +143,7 @@ def _voice_client(mode: str, key: bytes, dave: DaveClient, loop: Any) -> tuple[V
     """
     listeners: list[Any] = []
     vc = VoiceClient.__new__(VoiceClient)
-    vc._ssrc_to_user = {}
-    vc._video_ssrcs = set()
-    vc._video_owner = {}
-    vc._receiver = None
-    vc._last_receiver = None
-    vc._attached = ()
-    vc._reading = False
-    vc._tasks = set()
-    vc._aes = None
-    vc._moved = {}
-    vc._interruption = []
-    vc._leaving = None
+    vc._init_listening()  # everything VoiceClient.__init__ sets but discord.py's part
     vc.loop = loop
     vc.channel = SimpleNamespace(id=CHANNEL, guild=None)  # type: ignore[assignment]
     vc.client = SimpleNamespace(dispatch=lambda *args: None, get_user=lambda uid: None)  # type: ignore[assignment]
