@@ -399,7 +399,16 @@ def mp3_compression_level(bitrate: int, sample_rate: int) -> float:
 
 # libsndfile's SFC_UPDATE_HEADER_NOW: rewrite the header of a file being written.
 _SFC_UPDATE_HEADER_NOW = 0x1060
+_SFC_RF64_AUTO_DOWNGRADE = 0x1210  # sndfile.h; sf_command returns the new setting
 _HEADER_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "W64", "AIFF", "CAF", "AU"})
+
+
+def _rf64_auto_downgrade(sf_file: Any) -> None:
+    """Have libsndfile write an RF64 file as a RIFF WAVE while it holds under 4 GiB."""
+    import soundfile
+
+    if not soundfile._snd.sf_command(sf_file._file, _SFC_RF64_AUTO_DOWNGRADE, soundfile._ffi.NULL, 1):
+        raise SinkError("libsndfile refused SFC_RF64_AUTO_DOWNGRADE")
 
 
 def _update_header(sf_file: object) -> None:
@@ -435,6 +444,130 @@ def _error_text(exc: BaseException, sf_file: Any = None) -> str:
     return f"{text} ({detail})" if detail and detail != "No Error." and detail not in text else text
 
 
+# --------------------------------------------------------------------------------------- WAV files
+#
+# A RIFF WAVE file cannot describe more than 4 GiB (its sizes are 32 bits): 6.2 hours of 48 kHz
+# stereo. RF64 (EBU Tech 3306) lifts that: "RF64" instead of "RIFF", and a ``ds64`` chunk, first
+# after "WAVE", with the sizes in 64 bits. A file that may grow past 4 GiB reserves the ds64's
+# room with a ``JUNK`` chunk of the same size (36 bytes), which every WAV reader skips; as long
+# as the file stays under 4 GiB it is an ordinary RIFF WAVE (PCM ``fmt``, 80-byte header); when
+# it outgrows that, the header is rewritten in place as RF64 (RIFF→RF64, JUNK→ds64), nothing moves.
+#
+# libsndfile can do this itself (format RF64, SFC_RF64_AUTO_DOWNGRADE), but its short files are
+# not the WAV they were: a WAVE_FORMAT_EXTENSIBLE ``fmt`` and a ``fact`` chunk (112-byte header),
+# which Python 3.11's ``wave`` module refuses ("unknown format: 65534"). So 16-bit PCM WAV, what
+# every WAV sink writes, is written by :class:`_WavWriter`; libsndfile's RF64 is kept for the
+# other WAV subtypes AudioFile may be asked for.
+
+_U32 = 0xFFFFFFFF
+_JUNK_FOR_DS64 = 28  # a ds64 chunk's payload with no table: RIFF size, data size, sample count, table length
+_WAV_HEADER_BYTES = 12 + 8 + _JUNK_FOR_DS64 + 8 + 16 + 8  # RIFF/RF64, JUNK/ds64, fmt, data chunk header
+
+
+def _wav_header(channels: int, sample_rate: int, data_bytes: int) -> bytes:
+    """The 80-byte header of a 16-bit PCM WAV holding ``data_bytes`` of samples: RIFF (with the
+    JUNK chunk that keeps room for a ds64) while it fits in 32 bits, RF64 beyond."""
+    import struct
+
+    align = 2 * channels
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, channels, sample_rate, sample_rate * align, align, 16)
+    riff_size = _WAV_HEADER_BYTES - 8 + data_bytes + data_bytes % 2
+    if riff_size <= _U32:
+        return (
+            struct.pack("<4sI4s4sI", b"RIFF", riff_size, b"WAVE", b"JUNK", _JUNK_FOR_DS64)
+            + bytes(_JUNK_FOR_DS64)
+            + fmt
+            + struct.pack("<4sI", b"data", data_bytes)
+        )
+    ds64 = struct.pack("<4sIQQQI", b"ds64", _JUNK_FOR_DS64, riff_size, data_bytes, data_bytes // align, 0)
+    return struct.pack("<4sI4s", b"RF64", _U32, b"WAVE") + ds64 + fmt + struct.pack("<4sI", b"data", _U32)
+
+
+class _WavWriter:
+    """A 16-bit PCM WAV (RF64 once it outgrows 4 GiB) that :class:`AudioFile` writes itself.
+
+    The part of soundfile's ``SoundFile`` that AudioFile uses (``write``, ``buffer_write``,
+    ``seek``, ``flush``, ``close``), plus :meth:`update_header` and :meth:`skip`, which leaves
+    silence as a hole in the file (sparse where the file system allows: an hour of silence
+    before a member speaks takes no disk). The header always describes every whole sample on
+    disk, audio written ahead of the write position included (as libsndfile's does).
+    """
+
+    def __init__(self, path: pathlib.Path, channels: int, sample_rate: int) -> None:
+        self.channels = channels
+        self.samplerate = sample_rate
+        self._align = 2 * channels
+        self._pos = 0  # samples: where the next write goes
+        self._end = 0  # bytes of sample data on disk (a partial sample after a failed write included)
+        self._fh = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        try:
+            self._put(0, _wav_header(channels, sample_rate, 0))
+        except BaseException:
+            self._fh.close()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._fh.closed
+
+    def _put(self, offset: int, data: Any) -> None:
+        """Write all of ``data`` at byte ``offset`` of the file (a short write is resumed)."""
+        view = memoryview(data).cast("B")
+        self._fh.seek(offset)
+        done = 0
+        try:
+            while done < len(view):
+                n = self._fh.write(view[done:])
+                if not n:
+                    raise OSError(f"writing {self._fh.name} made no progress")
+                done += n
+        finally:
+            if offset >= _WAV_HEADER_BYTES:
+                self._end = max(self._end, offset - _WAV_HEADER_BYTES + done)
+
+    def buffer_write(self, data: Any, dtype: str) -> None:
+        if dtype != "int16":
+            raise ValueError(f"a 16-bit WAV takes int16 samples, not {dtype}")
+        self._put(_WAV_HEADER_BYTES + self._pos * self._align, data)
+        self._pos += len(data) // self._align
+
+    def write(self, data: Any) -> None:
+        import numpy as np
+
+        samples = np.ascontiguousarray(data, dtype="<i2")
+        if samples.ndim != 2 or samples.shape[1] != self.channels:
+            raise ValueError(f"expected int16 samples shaped (n, {self.channels}), got {samples.shape}")
+        self._put(_WAV_HEADER_BYTES + self._pos * self._align, samples)
+        self._pos += samples.shape[0]
+
+    def seek(self, frames: int) -> int:
+        self._pos = frames
+        return frames
+
+    def skip(self, frames: int) -> None:
+        """``frames`` samples of silence at the end of the file, as a hole (never over audio)."""
+        if self._pos * self._align < self._end:
+            raise ValueError("skip() would leave audio on disk after the write position in place")
+        self._pos += frames
+        self._end = self._pos * self._align
+        self._fh.truncate(_WAV_HEADER_BYTES + self._end)
+
+    def update_header(self) -> None:
+        """Rewrite the header to describe every whole sample on disk."""
+        self._put(0, _wav_header(self.channels, self.samplerate, self._end // self._align * self._align))
+
+    def flush(self) -> None:
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        try:
+            self.update_header()
+        finally:
+            self._fh.close()
+
+
 # --------------------------------------------------------------------------------------- AudioFile
 
 
@@ -452,6 +585,12 @@ class AudioFile:
     rate: 48000 writes the received samples unchanged; any other rate goes through the streaming
     anti-aliased :class:`~listening_core.resample.Resampler`, delay-compensated so the track stays
     on the session timeline (``ceil(session samples * rate / 48000)`` samples in the end).
+
+    Length: a WAV has no limit. It is an ordinary RIFF WAVE while it holds under 4 GiB (6.2 hours
+    of 48 kHz stereo) and becomes RF64 in place when it grows past that, the 64-bit form of WAV
+    that libsndfile (soundfile), ffmpeg, sox and most audio editors read. Silence at the end of a
+    16-bit WAV (a member not there yet, or quiet for a while) is left as a hole in the file: on
+    file systems with sparse files it takes no disk, and it reads as zeros.
 
     Crash safety: audio goes to the operating system as it is written (in blocks of a quarter of
     a second), and every ``flush_interval`` seconds of audio a WAV header is rewritten to cover
@@ -506,17 +645,27 @@ class AudioFile:
         self._fast = self._resampler is None and channels == CHANNELS and not self._wide
         self._pending = bytearray()
         self._extent = 0  # samples on disk, those written ahead of the end included
+        wav = format.upper() == "WAV"
+        # 16-bit PCM WAV is written here (RIFF, RF64 past 4 GiB; see _WavWriter); other WAV
+        # subtypes go to libsndfile's RF64, which stays a (WAVE_FORMAT_EXTENSIBLE) RIFF WAV under 4 GiB.
+        self._own = wav and (subtype or "PCM_16").upper() == "PCM_16"
+        self._file: Any
         try:
-            self._file = soundfile.SoundFile(
-                self.path,
-                "w",
-                samplerate=sample_rate,
-                channels=channels,
-                format=format,
-                subtype=subtype,
-                compression_level=compression_level,
-                bitrate_mode=bitrate_mode,
-            )
+            if self._own:
+                self._file = _WavWriter(self.path, channels, sample_rate)
+            else:
+                self._file = soundfile.SoundFile(
+                    self.path,
+                    "w",
+                    samplerate=sample_rate,
+                    channels=channels,
+                    format="RF64" if wav else format,
+                    subtype=subtype,
+                    compression_level=compression_level,
+                    bitrate_mode=bitrate_mode,
+                )
+                if wav:
+                    _rf64_auto_downgrade(self._file)
         except Exception as exc:
             self.error = exc
             self.done = True
@@ -584,7 +733,7 @@ class AudioFile:
                 self._file.seek(end + offset)
                 self._file.write(self._layout(data))
                 self._extent = max(self._extent, end + offset + len(data))
-                _update_header(self._file)
+                self._update_header()
                 self._file.seek(end)
             except Exception as exc:
                 self._fail(exc, "writing ahead in")
@@ -607,6 +756,9 @@ class AudioFile:
             raise SinkError(f"{self.path} is already closed")
 
     def _write_silence(self, samples: int) -> None:
+        if self._own and self._resampler is None and samples >= _BLOCK_SAMPLES:
+            self._write_hole(samples)
+            return
         if self._fast:
             while samples > 0:
                 n = min(samples, _BLOCK_SAMPLES)
@@ -620,6 +772,27 @@ class AudioFile:
             n = min(samples, len(chunk))
             self._write_block(chunk[:n])
             samples -= n
+
+    def _write_hole(self, samples: int) -> None:
+        """Silence at the end of a 16-bit WAV: zeros over what was written ahead, a hole after it."""
+        import numpy as np
+
+        over = min(samples, self.ahead)
+        if over:
+            self._write_block(np.zeros((over, self.channels), dtype=np.int16))
+            samples -= over
+            if not samples:
+                return
+        self._drain()
+        try:
+            self._file.skip(samples)
+        except Exception as exc:
+            self._fail(exc, "writing")
+        self.position += samples
+        self.frames_written += samples
+        self._since_flush += samples
+        if self._flush_every and self._since_flush >= self._flush_every:
+            self._flush()
 
     def _write_pcm(self, pcm: bytes) -> None:
         if self._fast:
@@ -703,11 +876,17 @@ class AudioFile:
         self._drain()
         try:
             if self.format.upper() in _HEADER_FORMATS:
-                _update_header(self._file)
+                self._update_header()
             if sync:
                 self._file.flush()
         except Exception as exc:
             self._fail(exc, "flushing")
+
+    def _update_header(self) -> None:
+        if self._own:
+            self._file.update_header()
+        else:
+            _update_header(self._file)
 
     def flush(self) -> None:
         """Push what is written to disk: a WAV header is brought up to date, then ``fsync``."""
@@ -843,8 +1022,11 @@ def recover_file(path: str | os.PathLike[str]) -> int:
     """Make a file left behind by a killed process readable; returns the samples it now holds.
 
     - **WAV**: the RIFF and ``data`` sizes are set from the file's length (a partial last sample
-      is cut off). PCM goes to the operating system as it is written, so everything written
-      before the kill is kept. (libsndfile reads such a file even unrepaired; other readers
+      is cut off), in 64 bits: a file past 4 GiB becomes (or stays) RF64, its ``ds64`` chunk
+      written where the header kept room for it; a WAV written before there was such room (an
+      older listening-core past 4 GiB) is copied into an RF64 file that replaces it. PCM goes
+      to the operating system as it is written, so everything written before the kill is kept.
+      (libsndfile reads a file under 4 GiB even unrepaired, to its last flush; other readers
       need the sizes.)
     - **FLAC**: libFLAC writes the stream's length into its header only when the file is
       closed. The file is decoded up to the first damaged frame and re-encoded, losslessly,
@@ -860,7 +1042,7 @@ def recover_file(path: str | os.PathLike[str]) -> int:
     path = pathlib.Path(path)
     with path.open("rb") as fh:
         magic = fh.read(12)
-    if magic[:4] in (b"RIFF", b"RIFX") and magic[8:12] == b"WAVE":
+    if magic[:4] in (b"RIFF", b"RF64") and magic[8:12] == b"WAVE":
         return _recover_wav(path)
     if magic[:4] == b"fLaC":
         return _recover_flac(path)
@@ -884,39 +1066,165 @@ def _count_readable(f: Any, sink: Any = None, blocksize: int = 4096) -> int:
 
 
 def _recover_wav(path: pathlib.Path) -> int:
+    """Set a WAV's sizes from its length (see :func:`recover_file`); 64-bit throughout."""
     import struct
 
     with path.open("r+b") as fh:
         size = fh.seek(0, os.SEEK_END)
-        fh.seek(12)
-        block_align = 0
+        fh.seek(0)
+        rf64 = fh.read(4) == b"RF64"
+        chunks: list[tuple[bytes, int, int]] = []  # (id, offset, size) of the chunks before the data
+        fmt = ds64 = b""
+        pos = 12
         while True:
+            fh.seek(pos)
             head = fh.read(8)
             if len(head) < 8:
                 raise SinkError(f"{path}: no data chunk; nothing to recover")
             chunk_id, chunk_size = head[:4], struct.unpack("<I", head[4:])[0]
-            if chunk_id == b"fmt ":
-                fmt = fh.read(chunk_size)
-                block_align = struct.unpack("<H", fmt[12:14])[0]
-                fh.seek(chunk_size % 2, os.SEEK_CUR)
-                continue
             if chunk_id == b"data":
-                data_start = fh.tell()
+                data_start = pos + 8
                 break
-            fh.seek(chunk_size + chunk_size % 2, os.SEEK_CUR)
-        if not block_align:
+            if chunk_id == b"fmt ":
+                fmt = fh.read(min(chunk_size, 64))
+            elif chunk_id == b"ds64":
+                ds64 = fh.read(min(chunk_size, 64))
+            chunks.append((chunk_id, pos, chunk_size))
+            pos += 8 + chunk_size + chunk_size % 2
+        if len(fmt) < 14 or not struct.unpack("<H", fmt[12:14])[0]:
             raise SinkError(f"{path}: no fmt chunk before the data; not a WAV file this can repair")
+        block_align = struct.unpack("<H", fmt[12:14])[0]
+        declared = chunk_size
+        if rf64 and chunk_size == _U32:
+            if len(ds64) < 24:
+                raise SinkError(f"{path}: an RF64 file without a ds64 chunk; not a WAV file this can repair")
+            declared = struct.unpack("<Q", ds64[8:16])[0]
         data_size = (size - data_start) // block_align * block_align
-        if chunk_size != data_size and chunk_size not in (0, 0xFFFFFFFF) and data_start + chunk_size <= size:
+        end = data_start + declared + declared % 2
+        if declared != data_size and declared not in (0, _U32) and end < size and _chunks_to(fh, end, size):
             # a complete data chunk followed by other chunks: the file was closed properly
-            return chunk_size // block_align
-        if chunk_size != data_size:
+            return declared // block_align
+        frames = data_size // block_align
+        riff_size = data_start + data_size - 8
+        if rf64 or riff_size > _U32:
+            header = _rf64_header(fh, chunks, data_start, riff_size, data_size, frames)
+            if header is None:  # no room for a ds64 chunk: rewrite the file with one
+                fh.close()
+                _rewrite_as_rf64(path, chunks, data_start, data_size, frames)
+                return frames
+            fh.truncate(data_start + data_size)
+            fh.seek(0)
+            if fh.read(len(header)) != header:
+                fh.seek(0)
+                fh.write(header)
+            return frames
+        if declared != data_size or struct.unpack("<I", _read_at(fh, 4, 4))[0] != riff_size:
             fh.truncate(data_start + data_size)
             fh.seek(data_start - 4)
             fh.write(struct.pack("<I", data_size))
             fh.seek(4)
-            fh.write(struct.pack("<I", data_start + data_size - 8))
-        return data_size // block_align
+            fh.write(struct.pack("<I", riff_size))
+        return frames
+
+
+def _read_at(fh: Any, offset: int, n: int) -> bytes:
+    fh.seek(offset)
+    data: bytes = fh.read(n)
+    return data
+
+
+def _chunks_to(fh: Any, pos: int, size: int) -> bool:
+    """Whether the bytes from ``pos`` on are RIFF chunks ending with the file (not more samples)."""
+    import struct
+
+    for _ in range(64):
+        if pos >= size:
+            return pos - size in (0, 1)  # the last chunk's pad byte may be missing
+        head = _read_at(fh, pos, 8)
+        if len(head) < 8 or not all(0x20 <= c <= 0x7E for c in head[:4]):
+            return False
+        chunk_size = struct.unpack("<I", head[4:])[0]
+        pos += 8 + chunk_size + chunk_size % 2
+    return False
+
+
+# Chunks a header rewritten as RF64 leaves out: room kept for a ds64, padding, and the 32-bit
+# sample count that the ds64 replaces.
+_DROPPED_CHUNKS = frozenset({b"ds64", b"JUNK", b"junk", b"PAD ", b"FLLR", b"fact"})
+
+
+def _rf64_prefix(
+    fh: Any, chunks: list[tuple[bytes, int, int]], riff_size: int, data_size: int, frames: int
+) -> bytes:
+    """RF64 marker, ds64 and the chunks that stay (``fmt`` and any others), as they go before the data."""
+    import struct
+
+    kept = b"".join(
+        _read_at(fh, offset, 8 + n + n % 2)
+        for chunk_id, offset, n in chunks
+        if chunk_id not in _DROPPED_CHUNKS
+    )
+    ds64 = struct.pack("<4sIQQQI", b"ds64", _JUNK_FOR_DS64, riff_size, data_size, frames, 0)
+    return struct.pack("<4sI4s", b"RF64", _U32, b"WAVE") + ds64 + kept
+
+
+def _rf64_header(
+    fh: Any,
+    chunks: list[tuple[bytes, int, int]],
+    data_start: int,
+    riff_size: int,
+    data_size: int,
+    frames: int,
+) -> bytes | None:
+    """The file's header as RF64, in the room its header has now (``data_start`` bytes), or None."""
+    import struct
+
+    prefix = _rf64_prefix(fh, chunks, riff_size, data_size, frames)
+    room = data_start - 8 - len(prefix)
+    if room == 0:
+        filler = b""
+    elif room >= 8:
+        filler = struct.pack("<4sI", b"JUNK", room - 8) + bytes(room - 8)
+    else:
+        return None
+    return prefix + filler + struct.pack("<4sI", b"data", _U32)
+
+
+def _rewrite_as_rf64(
+    path: pathlib.Path, chunks: list[tuple[bytes, int, int]], data_start: int, data_size: int, frames: int
+) -> None:
+    """Copy a WAV whose header has no room for a ds64 (one written before RF64) into an RF64 file."""
+    import shutil
+    import struct
+
+    tmp = path.with_name(f".{path.name}.recovering")
+    try:
+        with path.open("rb") as src, tmp.open("wb") as dst:
+            riff_size = len(_rf64_prefix(src, chunks, 0, data_size, frames)) + data_size
+            dst.write(
+                _rf64_prefix(src, chunks, riff_size, data_size, frames) + struct.pack("<4sI", b"data", _U32)
+            )
+            src.seek(data_start)
+            left = data_size
+            zeros = bytes(1 << 24)
+            while left:
+                block = src.read(min(left, len(zeros)))
+                if not block:
+                    raise SinkError(f"{path} shrank while being recovered")
+                if block == zeros[: len(block)]:
+                    dst.seek(len(block), os.SEEK_CUR)  # silence stays a hole
+                else:
+                    dst.write(block)
+                left -= len(block)
+            dst.truncate()
+            dst.flush()
+            os.fsync(dst.fileno())
+        shutil.copymode(path, tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.replace(tmp, path)
 
 
 def _recover_flac(path: pathlib.Path) -> int:

@@ -288,7 +288,8 @@ def test_existing_files_are_never_overwritten(tmp_path: Path) -> None:
 
 def test_disk_full_mid_session_keeps_what_was_written(tmp_path: Path) -> None:
     """The file-size limit makes writes fail with EFBIG part-way, like a disk filling up."""
-    limit = 44 + 5 * RATE * 4 + 1234  # 5 s of stereo audio and a partial frame
+    header = 80  # RIFF, the JUNK chunk that keeps room for RF64's ds64, fmt, the data chunk's header
+    limit = header + 5 * RATE * 4 + 1234  # 5 s of stereo audio and a partial frame
     script = textwrap.dedent(
         f"""
         import resource, signal, sys, time
@@ -316,7 +317,8 @@ def test_disk_full_mid_session_keeps_what_was_written(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "File too large" in result.stdout
     got = _read(tmp_path / "mix.wav")
-    accepted = (limit - 44) // 4
+    assert (tmp_path / "mix.wav").read_bytes()[: header - 4].endswith(b"data")
+    accepted = (limit - header) // 4
     assert got.shape[0] == accepted  # every whole sample the OS accepted, described by the header
     expected = np.repeat(np.arange(accepted // FRAME + 1, dtype=np.int16), FRAME)[:accepted]
     assert np.array_equal(got[:, 0], expected) and np.array_equal(got[:, 1], expected)
