@@ -109,6 +109,7 @@ class MixdownSink(AudioHandlingSink):
         self._buf = np.zeros((self.capacity, _IN_CHANNELS), dtype=np.int32)
         self._base = 0  # session sample of _buf[0]: everything before it is in the file
         self._latest = 0  # end of the latest frame mixed
+        self._filled = 0  # end of the audio added to the window: after it, the window is silence
         self._end = 0  # the session's end, once known
         # Crash safety: the window is put on disk ahead of the file's end (AudioFile.write_ahead)
         # every block of new audio, from the first sample changed since the last time.
@@ -209,6 +210,7 @@ class MixdownSink(AudioHandlingSink):
                 data, pos = data[cut:], self._base
             i = pos - self._base
             self._buf[i : i + data.shape[0]] += data
+            self._filled = max(self._filled, pos + data.shape[0])
             self._dirty_from = pos if self._dirty_from is None else min(self._dirty_from, pos)
             if self._latest - self._ahead_mark >= self.block:
                 self._write_ahead()
@@ -243,6 +245,16 @@ class MixdownSink(AudioHandlingSink):
         """Write out session samples [base, target) (silence for what nobody filled)."""
         writer = self._open()
         while self._base < target:
+            if self._base >= self._filled:
+                # nobody spoke from here on: the window is all zeros, and so is the file up to
+                # target, written as silence at once (a hole in the file) however long the gap
+                try:
+                    writer.pad_to(target)
+                except SinkError as exc:
+                    self._failed = exc
+                    raise SinkError(f"mixdown: {exc}") from exc
+                self._base = target
+                break
             n = min(target - self._base, self.capacity)
             out = self._mixed(self._buf[:n])
             # Shift the window before writing: a failing write must not leave it half moved.
