@@ -8,6 +8,10 @@ it. Like aiortc's jitter buffer it is a plain data structure: :meth:`JitterBuffe
 what is ready, :meth:`JitterBuffer.poll` (on a timer) releases what has waited long enough, and
 the caller passes the time in. Sequence numbers and timestamps wrap; all arithmetic on them goes
 through the :mod:`listening_core.rtp` helpers.
+
+A packet that takes a sequence number but carries no frame (a padding-only bandwidth probe) is
+pushed with the empty payload :data:`NO_MEDIA`: it fills its slot, so its sequence number is not
+taken for a lost frame, and it releases nothing.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from dataclasses import dataclass
 
 from .rtp import seq_diff, ts_add, ts_diff
 
-__all__ = ["OPUS_SILENCE", "FrameKind", "JitterBuffer", "JitterStats", "Playout"]
+__all__ = ["NO_MEDIA", "OPUS_SILENCE", "FrameKind", "JitterBuffer", "JitterStats", "Playout"]
 
 _log = logging.getLogger(__name__)
 
 OPUS_SILENCE = b"\xf8\xff\xfe"
 """The Opus silence frame; senders send five of them at the end of each talk spurt."""
+NO_MEDIA = b""
+"""The payload of a packet that takes a sequence number but carries no frame (a bandwidth probe)."""
 
 _SEQ_MASK = 0xFFFF
 _WINDOW = 128  # how far back (in sequence numbers) duplicates are told from late packets
@@ -64,7 +70,7 @@ class Playout:
 class JitterStats:
     """Counters of one :class:`JitterBuffer`.
 
-    Every pushed packet is counted once in ``received``, ``duplicates`` or ``late``.
+    Every pushed packet is counted once in ``received``, ``no_media``, ``duplicates`` or ``late``.
     ``lost == recovered_fec + concealed`` counts the frames that never arrived in time.
     """
 
@@ -74,6 +80,9 @@ class JitterStats:
     """Copies of a packet already accepted, dropped."""
     late: int = 0
     """Packets that arrived after their slot had been concealed (or before the stream began), dropped."""
+    no_media: int = 0
+    """Packets pushed with :data:`NO_MEDIA`: their sequence number is taken (never concealed), nothing
+    is released for them; one before the stream began, out of line or already passed is ignored."""
     lost: int = 0
     """Frames released as FEC or PLC."""
     recovered_fec: int = 0
@@ -117,6 +126,12 @@ class JitterBuffer:
     - No more than ``max_packets`` packets are held: beyond that the earliest gap is declared
       lost at once (counted in ``overflow``).
     - A packet whose payload is exactly ``F8 FF FE`` is released as SILENCE.
+    - A packet pushed with :data:`NO_MEDIA` (a padding-only probe) takes its sequence number like
+      any packet, so the frames on either side of it follow each other with no loss; nothing is
+      released for it and ``prev``'s timestamp stays the last frame's. It never starts, restarts
+      or sets a deadline for the stream (it carries nothing to wait for): one before the first
+      frame, out of line, already passed or a copy is ignored. A gap right before a held probe is
+      concealed after the previous frame, as PLC.
     - :meth:`flush` releases everything held, concealing the gaps between held packets, and
       keeps the stream's position: later packets continue it (late ones are still dropped).
 
@@ -202,6 +217,8 @@ class JitterBuffer:
     def push(self, sequence: int, timestamp: int, payload: bytes, now: float) -> list[Playout]:
         """Add a packet that arrived at ``now``; return what is ready, in order (often just it)."""
         expected = self._expected
+        if not payload:
+            return self._push_no_media(sequence, timestamp, now)
         if sequence == expected and not self._held:
             # the common case: in order, nothing missing
             self.stats.received += 1
@@ -254,6 +271,30 @@ class JitterBuffer:
             self._release_due(now, out)
         return out
 
+    def _push_no_media(self, sequence: int, timestamp: int, now: float) -> list[Playout]:
+        """A packet with no frame: it takes its sequence number, if it is the stream's next or ahead."""
+        stats = self.stats
+        stats.no_media += 1
+        expected = self._expected
+        if expected is None:
+            return []  # a stream starts with a frame (its first one anchors the timeline)
+        d = seq_diff(sequence, expected)
+        if d < 0 or d > self._max_gap or sequence in self._held:
+            return []  # passed, a copy, or out of line: restarts nothing
+        if seq_diff(sequence, self._highest) > 0:
+            self._highest = sequence
+        self._held[sequence] = (timestamp, NO_MEDIA, now)
+        out: list[Playout] = []
+        if d == 0:
+            self._release_run(out)
+        while len(self._held) > self._max_packets:
+            stats.overflow += 1
+            self._release_gap(out)
+        due = self._deadline
+        if due is not None and now >= due:
+            self._release_due(now, out)
+        return out
+
     def poll(self, now: float) -> list[Playout]:
         """Release the gaps whose deadline ``now`` has reached, and what follows them (timer tick)."""
         deadline = self._deadline
@@ -300,15 +341,19 @@ class JitterBuffer:
         prev_ts = self._prev_ts
         entry = held.pop(seq, None)
         while entry is not None:
-            prev_ts, payload, arrival = entry
-            kind = FrameKind.SILENCE if payload == OPUS_SILENCE else FrameKind.RECEIVED
-            out.append(Playout(seq, prev_ts, kind, payload, arrival))
+            ts, payload, arrival = entry
+            if payload:  # NO_MEDIA takes its slot and releases nothing
+                prev_ts = ts
+                kind = FrameKind.SILENCE if payload == OPUS_SILENCE else FrameKind.RECEIVED
+                out.append(Playout(seq, ts, kind, payload, arrival))
             ring[seq & _WINDOW_MASK] = _RELEASED
             seq = (seq + 1) & _SEQ_MASK
             entry = held.pop(seq, None)
         self._expected = seq
         self._prev_ts = prev_ts
-        self._deadline = min(e[2] for e in held.values()) + self._max_delay if held else None
+        # only a frame waits for the gap before it: a held probe carries nothing to release
+        arrivals = [e[2] for e in held.values() if e[1]]
+        self._deadline = min(arrivals) + self._max_delay if arrivals else None
 
     def _release_gap(self, out: list[Playout]) -> None:
         """Declare the gap at ``expected`` lost: emit its frames as FEC/PLC, then the run after it."""
@@ -324,7 +369,8 @@ class JitterBuffer:
         step = self._frame_step
         prev_ts = self._prev_ts
         # adjacent in time: the lost frames had exactly these slots, and FEC can rebuild the last
-        contiguous = ts_diff(next_ts, prev_ts) == step * (missing + 1)
+        # (a probe's timestamp says nothing: the gap before one is placed after the previous frame)
+        contiguous = bool(next_payload) and ts_diff(next_ts, prev_ts) == step * (missing + 1)
         fec = contiguous and self._has_fec(next_payload)
         ring = self._ring
         last = missing - 1

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from .crypto import OPUS_SILENCE, TransportCipher, dave_decrypt, transport_cipher
 from .errors import PacketError
+from .jitter import NO_MEDIA, JitterBuffer, Playout
 from .jitter import FrameKind as JitterKind
-from .jitter import JitterBuffer, Playout
 from .opus import LibopusNotFound, packet_has_fec
 from .pool import AudioProcessPool, WorkerDied
 from .rtp import OPUS_PAYLOAD_TYPE, PacketKind, RtcpHeader, RtpHeader, classify, seq_add, seq_diff, ts_diff
@@ -444,6 +444,9 @@ class AudioReceiver(threading.Thread):
         stats = self.stats[user_id]
         stats.packets += 1
         stats.decrypted += 1
+        if not payload and header.padding:
+            self._probe(header, user_id, now)
+            return
         stream = self._stream(header.ssrc, user_id, now)
         if stream.start_buffer is None and now - stream.last_arrival > self.options.spurt_gap:
             # A talk spurt starts: its place on the timeline is decided from its first packets
@@ -460,6 +463,22 @@ class AudioReceiver(threading.Thread):
             stream.start_buffer.append((header.sequence, header.timestamp, payload, now))
             return
         self._push(stream, header.sequence, header.timestamp, payload, now, now)
+
+    def _probe(self, header: RtpHeader, user_id: int, now: float) -> None:
+        """A padding-only packet (a bandwidth probe): no audio, dropped and counted (lock held).
+
+        It never reaches DAVE or a decoder, starts no stream, spurt or speaking event, and moves
+        no timeline. Sent on the member's audio SSRC it may take a sequence number of the stream:
+        the jitter buffer is told, so that number is not taken for a lost frame and concealed.
+        """
+        self._drop(user_id, "probe", "a padding-only packet: a bandwidth probe, no audio")
+        stream = self._streams.get(header.ssrc)
+        if stream is None or stream.user_id != user_id:
+            return
+        if stream.start_buffer is not None:
+            stream.start_buffer.append((header.sequence, header.timestamp, NO_MEDIA, now))
+        else:
+            self._jitter(stream, stream.jitter.push(header.sequence, header.timestamp, NO_MEDIA, now), now)
 
     def _stream(self, ssrc: int, user_id: int, now: float) -> _Stream:
         stream = self._streams.get(ssrc)
@@ -480,21 +499,26 @@ class AudioReceiver(threading.Thread):
         stream.start_buffer = None
         if not buffered:
             return
-        first = buffered[0][0]
+        # probes (NO_MEDIA) take their sequence numbers, but tell nothing of the spurt's time
+        frames = [p for p in buffered if p[2]]
+        if not frames:
+            return
+        first = frames[0][0]
         buffered.sort(key=lambda p: seq_diff(p[0], first))
         # The spurt's first packet was sent no later than any of its successors' arrival minus
         # their distance in RTP time: the earliest such bound is the best estimate of when it
         # arrived without the delay spikes of a congested network or a starved reader thread.
-        seq0, ts0, payload0, arrival0 = buffered[0]
-        estimate = min(arrival - ts_diff(ts, ts0) / SAMPLE_RATE for _, ts, _, arrival in buffered)
-        buffered[0] = (seq0, ts0, payload0, min(arrival0, estimate))
-        stream.window = (seq0, len(buffered))
+        i0 = next(i for i, p in enumerate(buffered) if p[2])
+        seq0, ts0, payload0, arrival0 = buffered[i0]
+        estimate = min(arrival - ts_diff(ts, ts0) / SAMPLE_RATE for _, ts, _, arrival in frames)
+        buffered[i0] = (seq0, ts0, payload0, min(arrival0, estimate))
+        stream.window = (seq0, len(buffered) - i0)
         for seq, ts, payload, arrival in buffered:
             self._push(stream, seq, ts, payload, arrival, now)
 
     def _push(self, stream: _Stream, seq: int, ts: int, payload: bytes, arrival: float, now: float) -> None:
         """Give one packet to the stream's jitter buffer (lock held)."""
-        if stream.jitter.out_of_line(seq):
+        if payload and stream.jitter.out_of_line(seq):
             # Far out of line, a packet restarts the stream: the jitter buffer starts over from it
             # and the timeline follows the jump. A real restart's frame opens; a stale copy (a
             # replay, or a datagram held up for seconds) does not, as DAVE never opens a frame

@@ -1,0 +1,223 @@
+"""A listening session fed datagrams directly, on a simulated clock (no sockets, no loopback).
+
+What ``tests/test_padding_probe.py`` and ``tests/test_long_session_wrap.py`` share: a real
+:class:`~listening_core.receiver.AudioReceiver` with a real transport key (either AEAD mode) and
+a real DAVE group (the bot and two members, formed the way the voice gateway forms it), fed
+through the socket listener discord.py's reader thread calls. The receiver's ``time`` is a
+:class:`SimTime` the test sets, so hours of a call pass in a moment and every arrival is exact:
+a frame that arrives on time belongs at ``clock.sample_at(arrival)``, to the sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import listening_core.receiver as receiver_module
+from listening_core import VoiceClient
+from listening_core.crypto import transport_cipher
+from listening_core.receiver import AudioReceiver, ListenOptions
+from listening_core.rtp import RtpHeader
+from listening_core.sinks import SAMPLE_RATE, AudioFrame, AudioSink, RtcpPacket
+from listening_core.testing.dave_client import ClientMessage, DaveClient
+from listening_core.testing.dave_group import DaveGroup, Outgoing
+
+CHANNEL = 941_000_000_000_000_001
+BOT, ALICE, BOB = 941_001, 941_002, 941_003
+SSRC_ALICE, SSRC_BOB = 0x0A11CE10, 0x0B0B0010
+SESSION_START = 5000.0  # the simulated monotonic time the session starts at
+STEP = 960  # RTP timestamp units (48 kHz samples) per 20 ms frame
+
+
+class SimTime:
+    """Stands in for the receiver module's ``time``; :attr:`now` is the simulated monotonic clock."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        time.sleep(min(seconds, 0.001))
+
+
+def _client(user_id: int) -> DaveClient:
+    # The group's MLS membership rules are the loopback's business, not these tests': where the
+    # loopback client checks Add proposals against the users op 11 announced, it is told not to.
+    try:
+        return DaveClient(user_id, CHANNEL, enforce_recognised=False)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        return DaveClient(user_id, CHANNEL)
+
+
+def dave_group() -> dict[int, DaveClient]:
+    """The bot, Alice and Bob in one DAVE group, formed as the voice gateway forms it."""
+    group = DaveGroup(CHANNEL)
+    clients: dict[int, DaveClient] = {}
+    replies: collections.deque[tuple[int, ClientMessage]] = collections.deque()
+
+    def deliver(out: list[Outgoing]) -> None:
+        for msg in out:
+            client = clients.get(msg.user_id)
+            if client is not None:
+                replies.extend((msg.user_id, reply) for reply in client.handle(msg))
+
+    for uid in (BOT, ALICE, BOB):
+        client = clients[uid] = _client(uid)
+        key_package = client.session_description(1)
+        deliver(group.join(uid))
+        replies.extend((uid, m) for m in key_package)
+        while replies:
+            sender, reply = replies.popleft()
+            deliver(group.receive(sender, reply))
+    assert all(c.ready for c in clients.values())
+    return clients
+
+
+@dataclass
+class KeepingSink(AudioSink):
+    """Keeps every frame (as Opus: no decoder needed) and every RTCP packet."""
+
+    wants_pcm = False
+    frames: list[AudioFrame] = field(default_factory=list)
+    stopped: bool = False
+
+    def on_audio(self, frame: AudioFrame) -> None:
+        self.frames.append(frame)
+
+    def on_rtcp(self, packet: RtcpPacket) -> None:
+        pass
+
+    def on_stop(self, end: int) -> None:
+        self.stopped = True
+
+    def of(self, user_id: int) -> list[AudioFrame]:
+        return [f for f in self.frames if f.user_id == user_id]
+
+
+class Session:
+    """A listening session on a :class:`SimTime`, fed datagram by datagram."""
+
+    def __init__(self, mode: str, monkeypatch: pytest.MonkeyPatch, *, counter: int = 0) -> None:
+        self.clock = SimTime(SESSION_START)
+        monkeypatch.setattr(receiver_module, "time", self.clock)
+        key = bytes(range(7, 39))
+        self.cipher = transport_cipher(mode, key)
+        self.clients = dave_group()
+        self.counter = counter  # the transport nonce counter of the next packet (it wraps at 2**32)
+        self.events: list[tuple[str, int]] = []
+        self.listeners: list[Any] = []
+        self.key = key
+        self.mode = mode
+        self.sink = KeepingSink()
+        self.after: list[BaseException | None] = []
+
+    async def start(self, mapped: dict[int, int], options: ListenOptions | None = None) -> None:
+        vc = VoiceClient.__new__(VoiceClient)
+        vc._init_listening()  # everything VoiceClient.__init__ sets but discord.py's part
+        vc.loop = asyncio.get_running_loop()
+        vc.channel = SimpleNamespace(id=CHANNEL, guild=None)  # type: ignore[assignment]
+
+        def dispatch(event: str, who: Any, _vc: Any) -> None:
+            self.events.append((event, who.id))
+
+        vc.client = SimpleNamespace(dispatch=dispatch, get_user=lambda uid: None)  # type: ignore[assignment]
+        vc._connection = SimpleNamespace(  # type: ignore[assignment]
+            mode=self.mode,
+            secret_key=list(self.key),
+            dave_session=self.clients[BOT].session,
+            dave_protocol_version=1,
+            dave_downgraded=False,
+            socket=None,
+            add_socket_listener=self.listeners.append,
+        )
+        for ssrc, user_id in mapped.items():
+            await self.announce(ssrc, user_id, vc)
+        receiver = AudioReceiver(
+            vc, self.sink, pool=None, after=lambda _, error: self.after.append(error), options=options
+        )
+        vc._receiver = receiver
+        receiver.start()
+        self.vc, self.receiver = vc, receiver
+        assert self.listeners == [vc._on_datagram]
+
+    async def announce(self, ssrc: int, user_id: int, vc: VoiceClient | None = None) -> None:
+        """Op 5: the voice gateway maps ``ssrc`` to ``user_id``."""
+        await (vc or self.vc)._websocket_hook(
+            None, {"op": 5, "d": {"ssrc": ssrc, "user_id": user_id, "speaking": 1}}
+        )
+
+    def sample(self, t: float) -> int:
+        """The session sample of simulated time ``t``."""
+        return round((t - SESSION_START) * SAMPLE_RATE)
+
+    def at(self, position: int) -> float:
+        """The simulated time at which session sample ``position`` is now."""
+        return SESSION_START + position / SAMPLE_RATE
+
+    def packet(
+        self,
+        user_id: int,
+        ssrc: int,
+        seq: int,
+        ts: int,
+        opus: bytes,
+        *,
+        padding: int = 0,
+        extension_body: bytes = b"",
+    ) -> bytes:
+        """One datagram as a Discord client sends it: the frame DAVE-encrypted by ``user_id``
+        (the silence frame as is), sealed under the session key, with ``padding`` RTP padding."""
+        frame = opus if opus == b"\xf8\xff\xfe" else self.clients[user_id].encrypt_opus(opus)
+        return self.seal(RtpHeader(False, 120, seq, ts, ssrc), frame, padding, extension_body)
+
+    def seal(self, header: RtpHeader, payload: bytes, padding: int = 0, extension_body: bytes = b"") -> bytes:
+        counter = self.counter
+        self.counter = (counter + 1) & 0xFFFFFFFF
+        return self.cipher.seal_rtp(
+            header, payload, extension_body=extension_body, padding=padding, counter=counter
+        )
+
+    def feed(self, t: float, datagram: bytes) -> None:
+        """``datagram`` arrives at simulated time ``t``; the receiver's thread ticks then too."""
+        self.clock.now = max(self.clock.now, t)
+        self.listeners[0](datagram)
+        self.receiver._tick(self.clock.now)
+
+    def tick(self, t: float) -> None:
+        self.clock.now = max(self.clock.now, t)
+        self.receiver._tick(self.clock.now)
+
+    async def stop(self) -> None:
+        self.vc.stop_listening()
+        await self.vc.wait_for_listen_ready(timeout=60)
+        assert self.after == [None] and self.receiver.error is None and self.sink.stopped
+
+
+def opus_of(n: int) -> bytes:
+    """A stand-in Opus frame (CELT, 20 ms) that names its index: never the silence frame."""
+    return b"\xfc" + n.to_bytes(4, "big") + bytes(12)
+
+
+def seal_probe(session: Session, header: RtpHeader, length: int, extension_body: bytes = b"") -> bytes:
+    """A padding-only packet (a bandwidth probe) as ``docs/voice-protocol.md`` section 6 describes
+    it: after the extension, ``length`` bytes of padding, every one ``0xFF`` but the last, which is
+    the count (so the count equals the whole payload); sealed under the session key, P bit set."""
+    assert 1 <= length <= 255 and len(extension_body) % 4 == 0
+    aad = header.serialize(extension_words=len(extension_body) // 4, padding=True)
+    plain = extension_body + b"\xff" * (length - 1) + bytes((length,))
+    counter = session.counter.to_bytes(4, "big")
+    session.counter = (session.counter + 1) & 0xFFFFFFFF
+    cipher = session.cipher
+    return aad + cipher._encrypt(counter + cipher._nonce_pad, plain, aad) + counter
