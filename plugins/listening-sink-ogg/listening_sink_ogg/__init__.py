@@ -1,13 +1,15 @@
 """listening-sink-ogg: the ``ogg-opus`` sink for listening-core.
 
 One Ogg Opus file per speaker holding the Opus packets exactly as they were received (no decode,
-no re-encode), each at its place on the session timeline through granule positions. Select it
-by name once this distribution is installed::
+no re-encode), each at its place on the session timeline through granule positions; pauses and
+lost frames are filled with Opus silence and concealment packets (RFC 7845 section 4.1), so
+every player keeps the timeline. Select it by name once this distribution is installed::
 
     vc.listen("ogg-opus", options={"directory": "recordings"})
 
 This module is the plugin (the ``listening_core.sinks`` entry point names it). It also offers
-the reader used by the tests: :func:`read_packets` and :func:`decode_to_pcm`.
+the reader used by the tests: :func:`read_packets`, :func:`read_stream`, :func:`decode_to_pcm`
+and :func:`is_filler`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .ogg import (
     OggOpusWriter,
     Packet,
     decode_to_pcm,
+    is_filler,
     ogg_crc,
     opus_packet_samples,
     read_packets,
@@ -40,6 +43,7 @@ __all__ = [
     "Packet",
     "__version__",
     "decode_to_pcm",
+    "is_filler",
     "listening_sinks",
     "ogg_crc",
     "opus_packet_samples",

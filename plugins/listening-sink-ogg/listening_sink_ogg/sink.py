@@ -10,11 +10,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from listening_core.sinks import AudioFrame, AudioHandlingSink, SessionInfo, SinkError, safe_filename
 
-from .ogg import OggOpusWriter
+from .ogg import GAPS, OggOpusWriter
 
 __all__ = ["OggOpusOptions", "OggOpusSink"]
 
@@ -41,10 +41,20 @@ class OggOpusOptions:
         default=1.0,
         metadata={"help": "seconds at most that received audio waits in memory before it is written"},
     )
+    gaps: Literal["fill", "granule"] = field(
+        default="fill",
+        metadata={
+            "help": "how pauses, late starts and lost frames are written: 'fill' (Opus silence and "
+            "concealment packets, RFC 7845 4.1: every player keeps the timeline) or 'granule' "
+            "(granule jumps: smaller files, only granule-aware readers keep the timeline)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.flush_interval <= 60:
             raise ValueError(f"flush_interval must be in (0, 60] seconds, got {self.flush_interval}")
+        if self.gaps not in GAPS:
+            raise ValueError(f"gaps must be one of {', '.join(map(repr, GAPS))}, got {self.gaps!r}")
         try:
             self.template.format(**_TEMPLATE_KEYS)
         except (KeyError, IndexError, ValueError) as exc:
@@ -60,7 +70,8 @@ class _Track:
     path: Path
     writer: OggOpusWriter | None
     error: BaseException | None = None
-    skipped: int = 0  # frames without Opus (lost, then recovered or concealed by the receiver)
+    skipped: int = 0
+    """Frames that had no Opus: a concealment packet each with ``gaps='fill'``, a gap with ``'granule'``."""
 
 
 class OggOpusSink(AudioHandlingSink):
@@ -69,7 +80,9 @@ class OggOpusSink(AudioHandlingSink):
     Nothing is decoded or re-encoded (``wants_pcm = False``: the receiver skips decoding too).
     Packets sit at their session positions through granule positions (see
     :mod:`listening_sink_ogg.ogg` for the convention): every file runs from session sample 0 to the
-    session's end, a pause or a lost frame is a jump between pages. Pages are written as frames
+    session's end. With ``gaps='fill'`` (the default) pauses are Opus silence packets and lost
+    frames packets that make the decoder conceal them, so every player keeps the timeline; with
+    ``gaps='granule'`` both are jumps between pages. Pages are written as frames
     arrive and at least every ``flush_interval`` seconds, so memory stays flat and a crash costs
     at most that much. A speaker whose file cannot be written (disk full...) loses nothing already
     written and does not stop the others; the failure is raised at cleanup and reaches ``after``.
@@ -129,11 +142,15 @@ class OggOpusSink(AudioHandlingSink):
             if writer is None:
                 return
             if not frame.opus:
-                track.skipped += 1  # lost: a gap in the file (the receiver counts it in its stats)
-                return
+                track.skipped += 1  # lost (the receiver counts it in its stats)
+                if writer.gaps == "granule":
+                    return  # a gap in the file
             now = time.monotonic()
             try:
-                writer.write(frame.opus, frame.position, now)
+                if frame.opus:
+                    writer.write(frame.opus, frame.position, now)
+                else:
+                    writer.lost(frame.position, frame.end - frame.position, now)
                 if (
                     writer.pending_since is not None
                     and now - writer.pending_since >= self.options.flush_interval
@@ -197,10 +214,16 @@ class OggOpusSink(AudioHandlingSink):
     def _open(self, frame: AudioFrame) -> _Track:
         path = self.directory / self.file_name(frame)
         track = _Track(frame.user_id, path, None)
+        gaps = self.options.gaps
+        timeline = (
+            "pauses are granule jumps"
+            if gaps == "granule"
+            else "pauses are Opus silence, lost frames concealment (RFC 7845 4.1)"
+        )
         comments = [
             "ENCODER=listening-sink-ogg (Opus packets as received: not decoded, not re-encoded)",
             f"LISTENING_CORE_USER_ID={frame.user_id}",
-            "LISTENING_CORE_TIMELINE=granule 0 is session sample 0 (48 kHz); pauses are granule jumps",
+            f"LISTENING_CORE_TIMELINE=granule 0 is session sample 0 (48 kHz); {timeline}",
         ]
         if frame.member is not None:
             comments.insert(0, f"ARTIST={frame.member.display_name}")
@@ -222,6 +245,7 @@ class OggOpusSink(AudioHandlingSink):
                 serial=frame.user_id,
                 vendor=f"listening-sink-ogg {VERSION}",
                 comments=comments,
+                gaps=gaps,
             )
         except Exception as exc:
             if file is not None:
