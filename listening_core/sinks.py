@@ -1206,12 +1206,12 @@ def _rewrite_as_rf64(
             )
             src.seek(data_start)
             left = data_size
-            zeros = bytes(1 << 24)
+            zeros = bytes(1 << 20)
             while left:
                 block = src.read(min(left, len(zeros)))
                 if not block:
                     raise SinkError(f"{path} shrank while being recovered")
-                if block == zeros[: len(block)]:
+                if block == (zeros if len(block) == len(zeros) else bytes(len(block))):
                     dst.seek(len(block), os.SEEK_CUR)  # silence stays a hole
                 else:
                     dst.write(block)
