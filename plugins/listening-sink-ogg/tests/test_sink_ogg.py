@@ -241,6 +241,15 @@ def test_fillers_are_told_from_received_packets() -> None:
     assert not is_filler(bytes((0xFB, 0x42, 0)) + b"\xff\xfe\x00\x00")  # not all silent
 
 
+def test_a_missing_opusdec_fails_the_tests_naming_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without opus-tools the player tests fail (never skip) and say what to install."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match=r"apt-get install opus-tools"):
+        _opusdec(tmp_path / "t.opus")
+
+
 def _golden_frames() -> tuple[list[AudioFrame], int]:
     """A late start, lost frames, two spurts and a pause, the end in silence; synthetic packets
     (not encoded, so the bytes do not depend on the libopus version)."""
