@@ -89,6 +89,7 @@ class VoiceCall:
         self.udp_host = "127.0.0.1"
         self.udp_port = 0
         self._route_lock = asyncio.Lock()
+        self._transition_timers: dict[int, asyncio.TimerHandle] = {}
         self.closed = False
 
     async def start(self) -> None:
@@ -101,7 +102,7 @@ class VoiceCall:
         """Shut the call down: cancel the resume grace timers, close every real client's voice websocket
         with ``code`` and ``reason``, and close the relay socket."""
         self.closed = True
-        for handle in self._grace.values():
+        for handle in [*self._grace.values(), *self._transition_timers.values()]:
             handle.cancel()
         for session in list(self.sessions.values()):
             await session.close(code, reason)
@@ -258,6 +259,26 @@ class VoiceCall:
                     continue
                 self.stats.dave_messages += 1
                 queue.extend(await participant.deliver_dave(out))
+            self._time_transitions()
+
+    def _time_transitions(self) -> None:
+        """Give every transition announced since the last look ``transition_timeout`` seconds to be
+        ready; then it executes without the members that never answered op 23 (as Discord does)."""
+        pending = self.dave.pending_transitions
+        for tid in [t for t in self._transition_timers if t not in pending]:
+            self._transition_timers.pop(tid).cancel()
+        timeout = self.discord.transition_timeout
+        if timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        for tid in pending:
+            if tid not in self._transition_timers:
+                self._transition_timers[tid] = loop.call_later(timeout, self._transition_timed_out, tid)
+
+    def _transition_timed_out(self, transition_id: int) -> None:
+        self._transition_timers.pop(transition_id, None)
+        if not self.closed:
+            self.discord.spawn(self.route(self.dave.transition_timed_out(transition_id)))
 
     async def force_epoch_change(self) -> None:
         """Move the DAVE group to a new epoch without a real member change (a fault for tests)."""

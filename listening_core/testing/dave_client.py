@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["ClientMessage", "DaveClient"]
+__all__ = ["ClientMessage", "DaveClient", "RecognisedUsers"]
 
 OP_PREPARE_TRANSITION = 21
 OP_EXECUTE_TRANSITION = 22
@@ -51,6 +51,8 @@ OP_COMMIT_WELCOME = 28
 OP_ANNOUNCE_COMMIT = 29
 OP_WELCOME = 30
 OP_INVALID_COMMIT_WELCOME = 31
+OP_CLIENTS_CONNECT = 11
+OP_CLIENT_DISCONNECT = 13
 
 
 @dataclass(frozen=True)
@@ -62,17 +64,55 @@ class ClientMessage:
     binary: bytes | None = None
 
 
-class DaveClient:
+class RecognisedUsers:
+    """Who a client expects in its call: the users op 11 (Clients Connect) announced and op 13 did not
+    take back.  protocol.md: every member must refuse an Add proposal for anyone else."""
+
+    def __init__(self, user_id: int, *, enforce_recognised: bool = True) -> None:
+        self.user_id = user_id
+        self.enforce_recognised = enforce_recognised
+        self.recognised: set[int] = set()
+
+    def recognise(self, user_ids: Any) -> None:
+        """Users announced by op 11 (ids as ints or strings)."""
+        self.recognised.update(int(uid) for uid in user_ids)
+
+    def forget_user(self, user_id: int) -> None:
+        """A user announced by op 13 as gone."""
+        self.recognised.discard(int(user_id))
+
+    def allowed_adds(self) -> set[int]:
+        """The users an Add proposal may name: the recognised ones and the client itself."""
+        return self.recognised | {self.user_id}
+
+    def clients_changed(self, opcode: int, data: dict[str, Any]) -> bool:
+        """Handle op 11 / op 13; True when ``opcode`` was one of them."""
+        if opcode == OP_CLIENTS_CONNECT:
+            self.recognise(data.get("user_ids") or [])
+            return True
+        if opcode == OP_CLIENT_DISCONNECT:
+            self.forget_user(int(data["user_id"]))
+            return True
+        return False
+
+
+class DaveClient(RecognisedUsers):
     """A discord.py-like DAVE participant for one user (sans-I/O).
+
+    With ``enforce_recognised`` (the default) it hands davey the recognised user ids with every op 27,
+    so an Add for a user no op 11 announced raises (davey's ``UnexpectedUser``), as protocol.md
+    requires; discord.py 2.7.1 itself passes none.
 
     Errors from ``set_external_sender`` / ``process_proposals`` propagate, as they do in discord.py
     (where they escape the websocket handler); failures of ``process_commit`` / ``process_welcome``
     are answered with op 31 and a fresh key package, as discord.py's ``_recover_from_invalid_commit``.
     """
 
-    def __init__(self, user_id: int, channel_id: int) -> None:
-        self.user_id = user_id
+    def __init__(self, user_id: int, channel_id: int, *, enforce_recognised: bool = True) -> None:
+        super().__init__(user_id, enforce_recognised=enforce_recognised)
         self.channel_id = channel_id
+        self.mls_failures: list[tuple[str, str]] = []
+        """``(operation, error)`` for every op 27 davey refused."""
         self.session: davey.DaveSession | None = None
         self.protocol_version = 0
         self.pending_transitions: dict[int, int] = {}
@@ -175,8 +215,9 @@ class DaveClient:
         return self.handle_json(message.opcode, message.json or {})
 
     def handle_json(self, opcode: int, data: dict[str, Any]) -> list[ClientMessage]:
-        """Mirror of ``DiscordVoiceWebSocket.received_message`` for DAVE opcodes 21, 22 and 24."""
-        if self.session is None:
+        """Mirror of ``DiscordVoiceWebSocket.received_message`` for DAVE opcodes 21, 22 and 24 (and the
+        op 11 / op 13 announcements of who is in the call)."""
+        if self.clients_changed(opcode, data) or self.session is None:
             return []
         out: list[ClientMessage] = []
         if opcode == OP_PREPARE_TRANSITION:
@@ -210,7 +251,12 @@ class DaveClient:
                 if payload[0] == 0
                 else davey.ProposalsOperationType.revoke
             )
-            result = session.process_proposals(optype, payload[1:])
+            expected = sorted(self.allowed_adds()) if self.enforce_recognised else None
+            try:
+                result = session.process_proposals(optype, payload[1:], expected)
+            except ValueError as exc:
+                self.mls_failures.append(("process_proposals", str(exc)))
+                raise
             if result is not None:
                 data = bytes(result.commit) + (bytes(result.welcome) if result.welcome else b"")
                 return [ClientMessage(OP_COMMIT_WELCOME, binary=data)]

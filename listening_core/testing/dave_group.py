@@ -9,17 +9,23 @@ Policy (kept close to Discord's documented behaviour, see discord/dave-protocol 
 * ``join`` sends op 25 (external sender).  A key package (op 26) makes the member *pending*.
 * No established group (``epoch is None``): every pending member with a key package gets the Add
   proposals (epoch 0) of all *other* pending members; the first valid commit wins and creates the
-  group at epoch 1.  A lone pending member gets an Add of a server-held *ghost* davey session instead
-  (so that a 1-member group can be established); the ghost is removed again in the next epoch.
-  Unlike Discord (which leaves a sole member without a group), a 1-member group is kept.
+  group at epoch 1, announced (op 29 to the committer, op 30 to the others) with transition id 0,
+  which clients execute at once: nobody sent media under DAVE before, so nothing needs coordinating
+  (the group that completes an upgrade is the exception: it gets a real transition).  A member alone
+  stays pending, with no group, as on Discord: nobody else would hear it.
+* Sole member reset (protocol.md): when the last other member leaves an established group, the one
+  left gets op 24 ``{transition_id: 0, epoch: 1}`` (it re-creates its local group and sends a new key
+  package) and op 21 ``{transition_id: 0}`` (executed at once); the gateway forgets the group.
 * Established group: proposals go to every healthy member (in the tree, connected, not reset); the
   first commit for the current epoch that references exactly the unrevoked proposals that member was
   sent wins; other commits (stale epoch, partial, unknown references) are ignored.  Proposals that
   are no longer wanted (e.g. the joiner left) are revoked with an op 27 revoke.
 * The winner's commit goes out as op 29 with a fresh non-zero transition id to every healthy member of
   the new group that was in the old one (including the committer), and the Welcome as op 30 with the
-  same id to each added member.  Op 22 goes to all of them once every one answered op 23 (no timeout:
-  members that leave or report op 31 stop being waited for).  New proposals may be sent before op 22;
+  same id to each added member.  Op 22 goes to all of them once every one answered op 23, or when the
+  caller says the transition timed out (:meth:`DaveGroup.transition_timed_out`; the loopback's calls
+  do after ``transition_timeout`` seconds, as Discord does); members that leave or report op 31 stop
+  being waited for.  New proposals may be sent before op 22;
   per-connection ordering keeps them after the op 29 / op 30 that they depend on.
 * Op 31 or a new key package from a member that is in the tree marks its leaf stale: it is removed and
   re-added with its new key package (possibly in the same commit).
@@ -43,10 +49,11 @@ Protocol version changes (the whitepaper's "initial transitory phase"; :meth:`Da
 * Upgrade: op 24 ``{transition_id, epoch: 1, protocol_version: 1}`` to every connected member (the
   op 24 id is informational: discord.py ignores it and no op 23 answers it).  Each member re-inits its
   davey session and sends a new key package.  The gateway waits for the key packages of all of them
-  (members that leave are not waited for) and then creates the group afresh exactly as above (so a
-  member alone in the call gets the ghost).  Waiting matters: senders encrypt as soon as their
+  (members that leave are not waited for) and then creates the group afresh exactly as above.
+  Waiting matters: senders encrypt as soon as their
   session is ready again (discord.py set its version to 1 on op 24), and a group created from the
   first key package alone would have them encrypt under an epoch the later members never join.
+  A member alone after the upgrade stays pending (no group) until another one joins.
   The winning commit's op 29 / op 30 transition, once executed (op 22), completes the upgrade:
   discord.py clears ``dave_downgraded`` and turns passthrough on for the members it has keys for.
 
@@ -94,6 +101,9 @@ _log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_GHOST_USER_ID", "DaveGroup", "Outgoing", "Transition"]
 
+OP_CLIENTS_CONNECT = 11
+OP_CLIENT_DISCONNECT = 13
+
 
 DEFAULT_GHOST_USER_ID = 0x7FFF_FFFF_FFFF_FFFE
 
@@ -128,6 +138,8 @@ class Transition:
     protocol_version: int = 1
     """The DAVE protocol version in effect once the transition has executed."""
     kind: Literal["commit", "downgrade", "upgrade"] = "commit"
+    timed_out: bool = False
+    """Executed on a timeout while some recipients had not answered op 23."""
 
 
 @dataclass
@@ -167,7 +179,6 @@ class DaveGroup:
         protocol_version: int = 1,
         *,
         sender: ExternalSender | None = None,
-        establish_solo: bool = True,
         ghost_user_id: int = DEFAULT_GHOST_USER_ID,
     ) -> None:
         if protocol_version != 1:
@@ -177,7 +188,6 @@ class DaveGroup:
         """The DAVE protocol version in effect: 1, or 0 after a downgrade has executed."""
         self.group_id = channel_id.to_bytes(8, "big")
         self.sender = sender if sender is not None else ExternalSender()
-        self.establish_solo = establish_solo
         self.ghost_user_id = ghost_user_id
         self.epoch: int | None = None
         self.transitions: list[Transition] = []
@@ -186,6 +196,8 @@ class DaveGroup:
         """(user id, reason) for every well-formed commit that did not win."""
         self.version_changes: list[Transition] = []
         """Every downgrade and upgrade announced, oldest first."""
+        self.sole_member_resets: list[int] = []
+        """The user of every sole member reset, oldest first."""
         self._joined: dict[int, None] = {}
         self._key_packages: dict[int, bytes] = {}
         self._leaves: list[int | None] = []
@@ -196,6 +208,7 @@ class DaveGroup:
         self._force = False
         self._ghost: DaveClient | None = None
         self._ghost_kp: bytes | None = None
+        self._ghost_announced = False
         self._downgrade: Transition | None = None
         self._upgrade: Transition | None = None
 
@@ -245,6 +258,11 @@ class DaveGroup:
         return None
 
     @property
+    def ghost_announced(self) -> bool:
+        """Whether the ghost is announced to the members (op 11 sent, op 13 not yet)."""
+        return self._ghost_announced
+
+    @property
     def ghost(self) -> DaveClient | None:
         """The server-held ghost client (for tests), if one exists."""
         return self._ghost
@@ -270,6 +288,8 @@ class DaveGroup:
             _log.debug("user %d joined again; treating its DAVE state as reset", user_id)
             self._client_reset(user_id, out)
         self._joined[user_id] = None
+        if self._ghost_announced:
+            out.append(self._ghost_connect(user_id))
         out.append(Outgoing(user_id, OP_EXTERNAL_SENDER, None, self.sender.package()))
         downgrade = self._downgrade
         if downgrade is not None:
@@ -365,6 +385,24 @@ class DaveGroup:
         self._maybe_execute(transition, out)
         return out
 
+    def transition_timed_out(self, transition_id: int) -> list[Outgoing]:
+        """The gateway stops waiting for op 23 on ``transition_id``: it executes (op 22) now, unless it
+        already did (then []).  A downgrade still executes after the commits announced before it."""
+        out: list[Outgoing] = []
+        transition = self._pending.get(transition_id)
+        if transition is None or not transition.awaiting:
+            return out
+        _log.info(
+            "channel %d: transition %d timed out waiting for %s",
+            self.channel_id,
+            transition_id,
+            sorted(transition.awaiting),
+        )
+        transition.awaiting.clear()
+        transition.timed_out = True
+        self._maybe_execute(transition, out)
+        return out
+
     def invalid_commit_welcome(self, user_id: int, transition_id: int) -> list[Outgoing]:
         """Op 31 received: the member reset its session; it is removed and re-added on its next op 26."""
         if user_id not in self._joined:
@@ -387,16 +425,21 @@ class DaveGroup:
         return out
 
     def force_epoch_change(self) -> list[Outgoing]:
-        """Cause an epoch change without a real membership change (adds, then removes, the ghost).
+        """Cause an epoch change without a real member's change: a silent client joins and leaves.
 
-        Any commit satisfies the request; when nothing else is pending the ghost is added (one epoch)
-        and then removed again (a second epoch).  Returns [] when there is no established group.
+        Any commit satisfies the request; when nothing else is pending the ghost is announced to
+        every member (op 11, so that members enforcing the recognised-user rule accept its Add), added
+        (one epoch), removed again (a second epoch) and announced gone (op 13).  Returns [] when there
+        is no established group.
         """
         if self.epoch is None:
             _log.debug("force_epoch_change without an established group; nothing to do")
             return []
         out: list[Outgoing] = []
         self._force = True
+        if not self._ghost_announced:
+            self._ghost_announced = True
+            out.extend(self._ghost_connect(user_id) for user_id in self._joined)
         self._reconcile(out)
         return out
 
@@ -494,9 +537,23 @@ class DaveGroup:
             transition.awaiting.discard(user_id)
             self._maybe_execute(transition, out)
 
-    def _prepare_transition(self, user_id: int, transition_id: int) -> Outgoing:
-        payload = {"transition_id": transition_id, "protocol_version": 0}
+    def _prepare_transition(self, user_id: int, transition_id: int, version: int = 0) -> Outgoing:
+        payload = {"transition_id": transition_id, "protocol_version": version}
         return Outgoing(user_id, OP_PREPARE_TRANSITION, payload, None)
+
+    def _ghost_connect(self, user_id: int) -> Outgoing:
+        return Outgoing(user_id, OP_CLIENTS_CONNECT, {"user_ids": [str(self.ghost_user_id)]}, None)
+
+    def _ghost_gone(self, out: list[Outgoing]) -> None:
+        """The ghost left the group (or the group is gone): announce it gone (op 13) once."""
+        self._ghost = None
+        self._ghost_kp = None
+        if self._ghost_announced:
+            self._ghost_announced = False
+            for user_id in self._joined:
+                out.append(
+                    Outgoing(user_id, OP_CLIENT_DISCONNECT, {"user_id": str(self.ghost_user_id)}, None)
+                )
 
     def _maybe_execute(self, transition: Transition, out: list[Outgoing]) -> None:
         if transition.awaiting or transition.executed:
@@ -537,6 +594,7 @@ class DaveGroup:
         self._force = False
         self._ghost = None
         self._ghost_kp = None
+        self._ghost_announced = False
 
     def _allocate_transition_id(self) -> int:
         while True:
@@ -557,6 +615,7 @@ class DaveGroup:
     ) -> None:
         old_healthy = self._healthy_users()
         ghost_was_in = self.ghost_in_group
+        creation = self.epoch is None
         if self.epoch is None:
             self._leaves = [committer]
             self._stale.clear()
@@ -584,7 +643,8 @@ class DaveGroup:
 
         added_real = [p.user_id for p in adds if p.user_id != self.ghost_user_id]
         removed_ids = tuple(p.user_id for p in removes)
-        tid = self._allocate_transition_id()
+        # A new group (but the one that completes an upgrade) starts at once: transition id 0.
+        tid = 0 if creation and self._upgrade is None else self._allocate_transition_id()
         commit_recipients = ({committer} | old_healthy) & healthy
         recipients = frozenset(commit_recipients | set(added_real))
         transition = Transition(
@@ -594,10 +654,12 @@ class DaveGroup:
             tuple(p.user_id for p in adds),
             removed_ids,
             recipients,
-            set(recipients),
+            set(recipients) if tid else set(),
+            executed=tid == 0,
         )
         self.transitions.append(transition)
-        self._pending[tid] = transition
+        if tid:
+            self._pending[tid] = transition
         _log.info(
             "channel %d: epoch %d by user %d (transition %d, +%s -%s)",
             self.channel_id,
@@ -613,7 +675,7 @@ class DaveGroup:
         if welcome is not None:
             for user_id in added_real:
                 out.append(Outgoing(user_id, OP_WELCOME, None, prefix + welcome))
-        self._ghost_follow(ghost_was_in, commit, welcome, prefix, adds, removes)
+        self._ghost_follow(ghost_was_in, commit, welcome, prefix, adds, removes, out)
 
     def _ghost_follow(
         self,
@@ -623,13 +685,13 @@ class DaveGroup:
         prefix: bytes,
         adds: list[_Proposal],
         removes: list[_Proposal],
+        out: list[Outgoing],
     ) -> None:
         ghost = self._ghost
         if ghost is None:
             return
         if any(p.user_id == self.ghost_user_id for p in removes):
-            self._ghost = None
-            self._ghost_kp = None
+            self._ghost_gone(out)
             return
         if any(p.user_id == self.ghost_user_id for p in adds) and welcome is not None:
             replies = ghost.handle(Outgoing(ghost.user_id, OP_WELCOME, None, prefix + welcome))
@@ -662,9 +724,6 @@ class DaveGroup:
                 for candidate in candidates:
                     others = frozenset(c for c in candidates if c != candidate)
                     specs.append(_Spec("add", candidate, None, self._key_packages[candidate], others))
-            elif len(candidates) == 1 and self.establish_solo:
-                kp = self._ensure_ghost_key_package()
-                specs.append(_Spec("add", self.ghost_user_id, None, kp, frozenset(candidates)))
             return specs
         committers = frozenset(self._healthy_users())
         for i, leaf_user in enumerate(self._leaves):
@@ -680,6 +739,41 @@ class DaveGroup:
             specs.append(_Spec("add", self.ghost_user_id, None, kp, committers))
         return specs
 
+    def _forget_group(self, out: list[Outgoing]) -> None:
+        self.epoch = None
+        self._leaves = []
+        self._stale.clear()
+        self._inflight.clear()
+        self._force = False
+        self._ghost_gone(out)
+
+    def _sole_member(self) -> int | None:
+        """The one connected user, when it is alone in an established group that others have left."""
+        if self.epoch is None or self._downgrade is not None or len(self._joined) != 1:
+            return None
+        (user_id,) = self._joined
+        return user_id if self._healthy_users() == {user_id} else None
+
+    def _reset_sole_member(self, out: list[Outgoing]) -> None:
+        """protocol.md's sole member reset: op 24 (epoch 1) and op 21 (transition 0); no group left."""
+        user_id = self._sole_member()
+        assert user_id is not None
+        _log.info("channel %d: user %d is alone; its group is reset", self.channel_id, user_id)
+        self.sole_member_resets.append(user_id)
+        self._forget_group(out)
+        self._key_packages.pop(user_id, None)  # it sends a new one on op 24
+        self._forget_recipient(user_id, out, commits_only=True)
+        version = self.protocol_version
+        out.append(
+            Outgoing(
+                user_id,
+                OP_PREPARE_EPOCH,
+                {"transition_id": 0, "epoch": 1, "protocol_version": version},
+                None,
+            )
+        )
+        out.append(self._prepare_transition(user_id, 0, version))
+
     def _awaiting_upgrade_key_packages(self) -> bool:
         """During an upgrade, whether a connected recipient of op 24 has not sent its key package yet."""
         upgrade = self._upgrade
@@ -691,13 +785,9 @@ class DaveGroup:
         """Bring the in-flight proposals in line with who should be in the group."""
         if self.epoch is not None and not self._healthy_users():
             _log.info("channel %d: no healthy member left; the group will be re-created", self.channel_id)
-            self.epoch = None
-            self._leaves = []
-            self._stale.clear()
-            self._inflight.clear()
-            self._force = False
-            self._ghost = None
-            self._ghost_kp = None
+            self._forget_group(out)
+        elif self._sole_member() is not None:
+            self._reset_sole_member(out)
         specs = self._desired()
         wanted = {s.key: s for s in specs}
         live = set(self._joined)

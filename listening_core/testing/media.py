@@ -237,12 +237,14 @@ class Schedule:
         return self.slot_count * FRAME_SECONDS
 
     def frames(self) -> Iterator[ScheduledFrame]:
-        """Every frame the client sends, in order, encoded on the fly."""
+        """Every frame the client sends, in order, each encoded only when asked for (so a sender asks
+        for the next frame while it waits to send this one, never for a whole spurt at once)."""
         for spurt in self.spurts:
             encoder = OpusEncoder()
             slot = spurt.first_slot
-            for frame in encoder.encode_pcm(spurt.pcm):
-                yield ScheduledFrame(slot * FRAME_SECONDS, frame, False)
+            for offset in range(0, len(spurt.pcm), FRAME_BYTES):
+                chunk = spurt.pcm[offset : offset + FRAME_BYTES].ljust(FRAME_BYTES, b"\0")
+                yield ScheduledFrame(slot * FRAME_SECONDS, encoder.encode(chunk), False)
                 slot += 1
             for _ in range(SILENCE_TAIL_FRAMES):
                 yield ScheduledFrame(slot * FRAME_SECONDS, SILENCE_FRAME, True)

@@ -1,8 +1,10 @@
 """Virtual members: guild members voiced by the loopback itself, with no client of their own.
 
-Each has its own :class:`~listening_core.testing.dave_client.DaveClient` (a real
-``davey.DaveSession``) that joins the channel's MLS group like any client, and speaks a
-:class:`~listening_core.testing.media.Schedule` at real-time pace: one Opus frame every 20 ms,
+Each has its own DAVE client, davey (:class:`~listening_core.testing.dave_client.DaveClient`, what
+discord.py runs) or libdave (:class:`~listening_core.testing.libdave_client.LibdaveClient`, what
+Discord's own clients run), that joins the channel's MLS group like any client and refuses Adds for
+users no op 11 announced; it speaks a :class:`~listening_core.testing.media.Schedule` at real-time
+pace: one Opus frame every 20 ms from a spurt's first (as a client's audio clock sends them),
 correct sequence numbers and wall-clock RTP timestamps, five silence frames after each spurt,
 optional RTP header extension and padding. Its packets enter the relay directly, so many of them
 are cheap: no socket, no websocket, no thread.
@@ -16,12 +18,13 @@ import logging
 import random
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..rtp import RtcpHeader, RtpHeader
-from .dave_client import DaveClient
-from .media import FRAME_SAMPLES, FRAME_SECONDS, SILENCE_FRAME, Schedule
+from .dave_client import OP_CLIENT_DISCONNECT, OP_CLIENTS_CONNECT, DaveClient
+from .media import FRAME_SAMPLES, FRAME_SECONDS, SILENCE_FRAME, Schedule, ScheduledFrame
 
 if TYPE_CHECKING:
     from ..crypto import TransportCipher
@@ -32,7 +35,10 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["SentOpus", "VirtualMember"]
+__all__ = ["DAVE_IMPLEMENTATIONS", "SentOpus", "VirtualMember"]
+
+DAVE_IMPLEMENTATIONS = ("davey", "libdave")
+"""What a virtual member's ``dave`` option may name."""
 
 EXTENSION_PROFILE = 0xBEDE
 RTCP_SR = 200
@@ -60,6 +66,11 @@ class VirtualMember:
     packet and ``padding`` adds that many bytes of RTP padding, as real Discord clients do.
     ``speaking_delay`` sends the op 5 that maps this member's SSRC that many seconds after its
     first packet of a spurt (0: just before), to exercise receivers that must hold unmapped SSRCs.
+    ``dave`` picks the DAVE implementation: ``"davey"`` (discord.py's) or ``"libdave"`` (Discord's
+    clients'; needs ``pip install dave-py``).  ``enforce_recognised`` (davey only; libdave always
+    does) refuses Add proposals for users no op 11 announced.  ``spurt_burst`` (a fault) holds the
+    first that many frames of every spurt and sends them back to back when the last of them is due,
+    as a client that encodes a spurt before sending does; 0 paces every frame.
     """
 
     is_virtual = True
@@ -73,7 +84,18 @@ class VirtualMember:
         padding: int = 0,
         speaking_delay: float = 0.0,
         rng: random.Random | None = None,
+        dave: str = "davey",
+        enforce_recognised: bool = True,
+        spurt_burst: int = 0,
     ) -> None:
+        if dave not in DAVE_IMPLEMENTATIONS:
+            raise ValueError(f"dave must be one of {DAVE_IMPLEMENTATIONS}, got {dave!r}")
+        if dave == "libdave":
+            from .libdave_client import _require_dave
+
+            _require_dave()  # fail here, with the pip command, not at the first DAVE message
+        if spurt_burst < 0:
+            raise ValueError("spurt_burst must be >= 0")
         if len(extension_body) % 4:
             raise ValueError("extension_body must be a multiple of 4 bytes long")
         if not 0 <= padding <= 255:
@@ -84,6 +106,9 @@ class VirtualMember:
         self.extension_body = extension_body
         self.padding = padding
         self.speaking_delay = speaking_delay
+        self.dave_implementation = dave
+        self.enforce_recognised = enforce_recognised
+        self.spurt_burst = spurt_burst
         self._rng = rng or random.Random(user.id)
         self.ssrc = 0
         self.video_ssrc = 0
@@ -92,7 +117,8 @@ class VirtualMember:
         self.cipher: TransportCipher | None = None
         self.speaking = 0
         self.call: VoiceCall | None = None
-        self.dave: DaveClient | None = None
+        self.dave: Any = None
+        """Its DAVE client: a :class:`DaveClient` or a ``LibdaveClient`` (same interface)."""
         self.sent: list[SentOpus] = []
         self.unsent_not_ready = 0
         self._seq = self._rng.randrange(0, 1 << 16)
@@ -114,7 +140,10 @@ class VirtualMember:
         return 0
 
     async def send_json(self, op: int, d: Any, *, sequenced: bool = True) -> None:
-        """Voice gateway messages to a virtual member (op 5, 11, 13) need no answer."""
+        """Voice gateway messages to a virtual member need no answer; op 11 and op 13 tell its DAVE
+        client whom to recognise."""
+        if op in (OP_CLIENTS_CONNECT, OP_CLIENT_DISCONNECT) and self.dave is not None:
+            self.dave.clients_changed(op, d or {})
 
     async def deliver_dave(self, out: Outgoing) -> list[Outgoing]:
         """Handle a DAVE message as discord.py would; feed the answers back into the group."""
@@ -149,17 +178,32 @@ class VirtualMember:
         self.speaking = 0
         self.call = call
         self.ssrc = call.new_ssrc()
-        self.dave = DaveClient(self.user_id, call.channel_id)
+        self.dave = self._new_dave_client(call.channel_id)
+        self.dave.ssrc = self.ssrc
         key_package = self.dave.session_description(call.dave_version) if call.dave_version > 0 else []
         await call.join(self)
         for message in key_package:
             await call.route(call.dave.receive(self.user_id, message))
 
+    def _new_dave_client(self, channel_id: int) -> Any:
+        if self.dave_implementation == "libdave":
+            from .libdave_client import LibdaveClient
+
+            return LibdaveClient(self.user_id, channel_id)
+        return DaveClient(self.user_id, channel_id, enforce_recognised=self.enforce_recognised)
+
+    @property
+    def alone(self) -> bool:
+        """No other DAVE participant is in its call: it has no group and cannot encrypt, as on Discord."""
+        call = self.call
+        return call is not None and call.dave.joined <= {self.user_id}
+
     async def wait_ready(self, timeout: float = 10.0) -> None:
-        """Wait until this member's DAVE session can encrypt (it has joined the MLS group)."""
+        """Wait until this member's DAVE session can encrypt (it has joined the MLS group), or, alone
+        in the call, until its key package is with the gateway (nobody could hear it anyway)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.dave is None or not self.dave.can_encrypt:
+        while self.dave is None or not (self.dave.can_encrypt or self.alone):
             if loop.time() > deadline:
                 raise TimeoutError(f"{self!r}: DAVE session not ready after {timeout} s")
             await asyncio.sleep(0.01)
@@ -199,12 +243,14 @@ class VirtualMember:
     async def _play(self, schedule: Schedule, t0: float) -> None:
         assert self._epoch is not None
         loop = asyncio.get_running_loop()
-        frames = schedule.frames()  # encoded lazily: a long schedule must not delay its own start
+        # Encoded one frame at a time while waiting for the frame before it: a spurt's first frame
+        # leaves on time and every frame 20 ms after the one before, as from a client's audio clock.
+        frames = self._departures(schedule.frames())
         slot0 = round((t0 - self._epoch) / FRAME_SECONDS)
         announced = False
         try:
-            for frame in frames:
-                delay = t0 + frame.offset - loop.time()
+            for departure, frame in frames:
+                delay = t0 + departure - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 call = self.call
@@ -225,6 +271,27 @@ class VirtualMember:
         finally:
             if self.speaking and self.call is not None:
                 await self.call.speaking(self, 0)
+
+    def _departures(self, frames: Iterator[ScheduledFrame]) -> Iterator[tuple[float, ScheduledFrame]]:
+        """(seconds from the schedule's start when it leaves, frame): each frame in its own slot, but
+        with ``spurt_burst`` the first frames of a spurt wait for the last of them and leave together."""
+        held: list[ScheduledFrame] = []
+        in_spurt = False
+        for frame in frames:
+            if self.spurt_burst and not frame.is_silence_tail and not in_spurt:
+                held.append(frame)
+                if len(held) < self.spurt_burst:
+                    continue
+                in_spurt = True
+            if held:
+                yield from ((held[-1].offset, h) for h in held)
+                held = []
+                if not frame.is_silence_tail:
+                    continue
+            if frame.is_silence_tail:
+                in_spurt = False
+            yield frame.offset, frame
+        yield from ((held[-1].offset, h) for h in held)
 
     def send_sender_report(self) -> bytes:
         """Send an RTCP sender report (SR) to the call, as clients do every few seconds; returns it plain."""

@@ -89,6 +89,9 @@ class LocalDiscord:
         seconds by which DAVE messages to real clients lag (media does not): frames under a new
         key then reach a client before the key does, as happens on Discord after joins and
         epoch changes.
+    ``transition_timeout``
+        seconds the voice gateway waits for every op 23 of a DAVE transition before it executes it
+        anyway (op 22), as Discord does; None waits for ever.
     """
 
     API_HOST = "discord.com"
@@ -107,6 +110,7 @@ class LocalDiscord:
         guild_name: str = "Loopback Guild",
         record: bool = True,
         dave_delay: float = 0.0,
+        transition_timeout: float | None = 3.0,
     ) -> None:
         unknown = [m for m in modes if m not in SUPPORTED_MODES]
         if unknown or not modes:
@@ -118,6 +122,9 @@ class LocalDiscord:
         self.seed = seed
         self.record = record
         self.dave_delay = dave_delay
+        if transition_timeout is not None and not transition_timeout > 0:
+            raise ValueError(f"transition_timeout must be > 0 seconds or None, got {transition_timeout!r}")
+        self.transition_timeout = transition_timeout
         self.rng = random.Random(seed)
         self.world = World(guild_name=guild_name)
         self.gateway = MainGateway(self)
@@ -238,7 +245,8 @@ class LocalDiscord:
     def add_member(self, name: str, **options: Any) -> VirtualMember:
         """A virtual member (a guild member the loopback voices); ``await member.join()`` to enter voice.
 
-        ``options`` go to :class:`~listening_core.testing.members.VirtualMember`.
+        ``options`` go to :class:`~listening_core.testing.members.VirtualMember`; e.g.
+        ``dave="libdave"`` has it run Discord's own DAVE library instead of davey.
         """
         user = self.add_user(name)
         options.setdefault("rng", random.Random(self.rng.getrandbits(64)))

@@ -42,11 +42,21 @@ class Net:
                 continue
             self.deliver(self.group.receive(uid, reply))
 
+    def announce(self, uid: int) -> None:
+        """Op 11 as the voice gateway sends it before any DAVE message: the others learn of ``uid``
+        and ``uid`` (if it is one of the clients) of them."""
+        others = [c for u, c in self.clients.items() if u != uid]
+        if uid in self.clients and others:
+            self.clients[uid].handle_json(11, {"user_ids": [str(o.user_id) for o in others]})
+        for other in others:
+            other.handle_json(11, {"user_ids": [str(uid)]})
+
     def connect(self, uid: int, *, pump: bool = True) -> DaveClient:
         """Voice session reaches op 4: discord.py sends op 26 at once, the server sends op 25."""
         client = DaveClient(uid, CHANNEL)
         self.clients[uid] = client
         key_package = client.session_description(1)  # op 4 -> reinit -> op 26 (sent immediately)
+        self.announce(uid)
         self.deliver(self.group.join(uid))  # op 25
         self.server_q.extend((uid, m) for m in key_package)
         if pump:
@@ -55,6 +65,8 @@ class Net:
 
     def disconnect(self, uid: int) -> None:
         del self.clients[uid]
+        for other in self.clients.values():
+            other.handle_json(13, {"user_id": str(uid)})
         self.pump(self.group.leave(uid))
 
 
@@ -82,29 +94,21 @@ def assert_consistent(net: Net) -> None:
         assert not client.invalid_reports
 
 
-def test_single_member_group_is_created() -> None:
+def test_a_member_alone_stays_pending_then_two_create_the_group_with_transition_zero() -> None:
     net = Net(DaveGroup(CHANNEL))
     client = net.connect(A)
     group = net.group
-    assert group.members == {A}
-    assert group.leaves == [A]
-    assert not group.ghost_in_group
-    # epoch 1: A committed the ghost's Add; epoch 2: A committed the ghost's Remove.
-    assert group.epoch == 2
-    assert [t.committer for t in group.transitions] == [A, A]
-    assert client.ready and client.epoch == 2
-    assert client.executed_transitions == [t.transition_id for t in group.transitions]
-    assert_consistent(net)
-    assert client.encrypt_opus(b"hello") != b"hello"
-
-
-def test_single_member_without_solo_establishment_stays_pending() -> None:
-    net = Net(DaveGroup(CHANNEL, establish_solo=False))
-    client = net.connect(A)
-    assert net.group.epoch is None and net.group.members == set()
-    assert not client.ready
+    # Alone: no group and no Add for anyone (a server-made member would be a user nobody announced).
+    assert group.epoch is None and group.members == set() and group.pending_members == {A}
+    assert [m.opcode for m in net.log] == [25]
+    assert not client.ready and not client.can_encrypt
     net.connect(B)
-    assert net.group.epoch == 1 and net.group.members == {A, B}
+    assert group.epoch == 1 and group.members == {A, B}
+    (creation,) = group.transitions
+    # The new group starts at once: transition id 0, no op 23 awaited, no op 22 sent.
+    assert creation.transition_id == 0 and creation.executed and not creation.awaiting
+    assert not any(m.opcode in (21, 22) for m in net.log)
+    assert all(c.executed_transitions == [] and c.can_encrypt for c in net.clients.values())
     assert_consistent(net)
     assert_all_decrypt(net)
 
@@ -113,9 +117,10 @@ def test_three_members_join_one_by_one_then_leave() -> None:
     net = Net(DaveGroup(CHANNEL))
     group = net.group
     net.connect(A)
-    assert group.epoch is not None
+    net.connect(B)
+    assert group.epoch == 1
     epochs: list[int] = [group.epoch]
-    for uid in (B, C):
+    for uid in (C,):
         net.connect(uid)
         assert group.epoch is not None and group.epoch > epochs[-1]
         epochs.append(group.epoch)
@@ -127,7 +132,7 @@ def test_three_members_join_one_by_one_then_leave() -> None:
         assert_consistent(net)
         assert_all_decrypt(net)
     assert group.members == {A, B, C}
-    assert [group.leaf_index(u) for u in (A, B, C)] == [0, 1, 2]
+    assert sorted(group.leaf_index(u) or 0 for u in (A, B, C)) == [0, 1, 2]
 
     # Every op 22 came after the corresponding op 23s: nothing is left pending and all executed it.
     tid = group.transitions[-1].transition_id
@@ -135,6 +140,7 @@ def test_three_members_join_one_by_one_then_leave() -> None:
         assert tid in client.executed_transitions
 
     left = net.clients[B]
+    b_leaf = group.leaf_index(B)
     old_frame = net.clients[A].encrypt_opus(b"before the leave")
     net.disconnect(B)
     assert group.members == {A, C}
@@ -149,7 +155,7 @@ def test_three_members_join_one_by_one_then_leave() -> None:
 
     # D takes the blank leaf left by B.
     net.connect(D)
-    assert group.leaf_index(D) == 1
+    assert group.leaf_index(D) == b_leaf
     assert_consistent(net)
     assert_all_decrypt(net)
 
@@ -165,28 +171,26 @@ def test_two_pending_members_race_and_loser_is_welcomed() -> None:
     kp_b = b.session_description(1)[0].binary
     assert kp_a is not None and kp_b is not None
     out = group.join(A) + group.join(B)
-    out += group.key_package(A, kp_a)  # lone pending member: Add(ghost) to A
-    out += group.key_package(B, kp_b)  # now two: revoke the ghost, Add(B) to A, Add(A) to B
+    net.announce(A)
+    net.announce(B)
+    out += group.key_package(A, kp_a)  # lone pending member: nothing to propose
+    out += group.key_package(B, kp_b)  # now two: Add(A) to B, Add(B) to A
     assert [(m.user_id, m.opcode, m.binary[0] if m.binary else None) for m in out[2:]] == [
-        (A, 27, 0),
-        (A, 27, 1),  # revokes go first...
         (B, 27, 0),
-        (A, 27, 0),  # ...then appends
+        (A, 27, 0),
     ]
     net.deliver(out)
-    # A committed twice (ghost, then B), B committed once (A): three commits for epoch 0, queued
-    # in delivery order.  A's ghost commit no longer matches A's proposals; B's commit is first.
+    # Both committed the other's Add, B first: B's commit creates the group, A's is for epoch 0.
     commits = [(uid, m) for uid, m in net.server_q if m.opcode == 28]
-    assert [uid for uid, _ in commits] == [A, B, A]
+    assert [uid for uid, _ in commits] == [B, A]
     net.pump()
     assert group.epoch == 1
-    assert group.members == {A, B} and not group.ghost_in_group
+    assert group.members == {A, B}
     first = group.transitions[0]
-    assert first.committer == B and first.added == (A,)
+    assert first.committer == B and first.added == (A,) and first.transition_id == 0
     assert group.leaves == [B, A]
     reasons = [reason for _, reason in group.ignored_commits]
-    assert any("exactly the proposals" in r for r in reasons)  # A's superseded ghost commit
-    assert any("epoch 0" in r for r in reasons)  # A lost the race with its second commit
+    assert any("epoch 0" in r for r in reasons)  # A lost the race
     assert a.invalid_reports == []
     assert any(m.user_id == A and m.opcode == 30 for m in net.log)  # the loser is welcomed
     assert_consistent(net)
@@ -210,12 +214,13 @@ def test_concurrent_commits_in_established_group_first_wins() -> None:
 
 
 def test_joiner_commits_path() -> None:
-    """With establish_solo off, the second joiner may win the creation race and commit the group."""
-    group = DaveGroup(CHANNEL, establish_solo=False)
+    """The second joiner may win the creation race and commit the group."""
+    group = DaveGroup(CHANNEL)
     net = Net(group)
     net.connect(A)
     b = DaveClient(B, CHANNEL)
     net.clients[B] = b
+    net.announce(B)
     kp_b = b.session_description(1)
     net.deliver(group.join(B))
     out = group.key_package(B, kp_b[0].binary or b"")  # Add(B) to A, Add(A) to B
@@ -299,6 +304,7 @@ def test_leave_of_pending_joiner_revokes_its_add() -> None:
     epoch = group.epoch
     c = DaveClient(C, CHANNEL)
     kp = c.session_description(1)
+    net.announce(C)
     group.join(C)
     out = group.key_package(C, kp[0].binary or b"")
     assert {m.user_id for m in out} == {A, B}
@@ -316,19 +322,42 @@ def test_leave_of_pending_joiner_revokes_its_add() -> None:
     assert_all_decrypt(net)
 
 
-def test_last_member_leaving_resets_group() -> None:
+def test_sole_member_is_reset_then_a_new_group_forms() -> None:
     net = Net(DaveGroup(CHANNEL))
     group = net.group
     net.connect(A)
     net.connect(B)
+    start = len(net.log)
     net.disconnect(A)
-    assert group.members == {B}
-    assert_consistent(net)
+    # protocol.md's sole member reset: op 24 with epoch 1, then op 21 with transition id 0, to B.
+    sent = [(m.user_id, m.opcode, m.json) for m in net.log[start:] if m.opcode in (21, 24)]
+    assert sent == [
+        (B, 24, {"transition_id": 0, "epoch": 1, "protocol_version": 1}),
+        (B, 21, {"transition_id": 0, "protocol_version": 0 + 1}),
+    ]
+    b = net.clients[B]
+    assert group.sole_member_resets == [B] and group.epoch is None and group.members == set()
+    assert not b.ready and b.executed_transitions[-1] == 0  # it re-initialised and executed id 0
+    assert group.pending_members == {B}  # with the new key package it sent
     net.disconnect(B)
     assert group.epoch is None and group.members == set()
     net.connect(C)
-    assert group.members == {C}
+    assert group.epoch is None
+    net.connect(D)
+    assert group.members == {C, D} and group.transitions[-1].transition_id == 0
     assert_consistent(net)
+    assert_all_decrypt(net)
+
+
+def test_sole_member_reset_then_the_same_member_groups_again() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    net.connect(A)
+    net.connect(B)
+    net.disconnect(A)
+    net.connect(C)  # B's key package from the reset and C's create a new group
+    assert net.group.members == {B, C} and net.group.epoch == 1
+    assert_consistent(net)
+    assert_all_decrypt(net)
 
 
 def test_malformed_commit_welcome_is_rejected_without_state_change() -> None:
@@ -338,6 +367,7 @@ def test_malformed_commit_welcome_is_rejected_without_state_change() -> None:
     net.connect(B)
     c = DaveClient(C, CHANNEL)
     net.clients[C] = c
+    net.announce(C)
     kp = c.session_description(1)
     net.deliver(group.join(C))
     net.deliver(group.key_package(C, kp[0].binary or b""))
@@ -386,25 +416,33 @@ def test_foreign_or_malformed_key_package_rejected() -> None:
 
 
 def test_outgoing_shapes() -> None:
-    group = DaveGroup(CHANNEL)
-    (ext,) = group.join(A)
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    net.connect(A)
+    net.connect(B)
+    a = net.clients[A]
+    c = DaveClient(C, CHANNEL)
+    kp = c.session_description(1)
+    net.clients[C] = c
+    net.announce(C)
+    (ext,) = group.join(C)
     assert ext.opcode == 25 and ext.json is None and ext.binary == group.sender.package()
-    client = DaveClient(A, CHANNEL)
-    kp = client.session_description(1)
-    client.handle(ext)
-    out = group.key_package(A, kp[0].binary or b"")
-    (proposals,) = out
+    c.handle(ext)
+    out = group.key_package(C, kp[0].binary or b"")
+    assert sorted(m.user_id for m in out) == [A, B]
+    proposals = next(m for m in out if m.user_id == A)
     assert proposals.opcode == 27 and proposals.binary is not None and proposals.binary[0] == 0
-    (commit_msg,) = client.handle(proposals)
+    (commit_msg,) = a.handle(proposals)
+    net.clients[B].handle(next(m for m in out if m.user_id == B))  # B's own commit loses
     out = group.commit_welcome(A, commit_msg.binary or b"")
-    kinds = [(m.user_id, m.opcode) for m in out]
-    assert kinds[0] == (A, 29)
+    assert sorted((m.user_id, m.opcode) for m in out) == [(A, 29), (B, 29), (C, 30)]
     tid = int.from_bytes(out[0].binary[:2], "big") if out[0].binary else -1
-    assert tid == group.transitions[0].transition_id != 0
-    ready = client.handle(out[0])
-    assert ready == [ClientMessage(23, json={"transition_id": tid})]
-    execute = group.transition_ready(A, tid)
-    assert execute == [Outgoing(A, 22, {"transition_id": tid}, None)]
+    assert tid == group.transitions[-1].transition_id != 0
+    ready = {m.user_id: net.clients[m.user_id].handle(m) for m in out}
+    assert all(r == [ClientMessage(23, json={"transition_id": tid})] for r in ready.values())
+    assert group.transition_ready(A, tid) == group.transition_ready(B, tid) == []
+    execute = group.transition_ready(C, tid)
+    assert execute == [Outgoing(u, 22, {"transition_id": tid}, None) for u in (A, B, C)]
     assert group.transition_ready(A, tid) == []  # duplicate op 23 is harmless
 
 
@@ -417,6 +455,7 @@ def test_corrupted_welcome_triggers_op31_and_readd() -> None:
     assert epoch is not None
     c = DaveClient(C, CHANNEL)
     net.clients[C] = c
+    net.announce(C)
     kp = c.session_description(1)
     net.deliver(group.join(C))
     out = group.key_package(C, kp[0].binary or b"")
@@ -441,43 +480,59 @@ def test_corrupted_welcome_triggers_op31_and_readd() -> None:
     assert_all_decrypt(net)
 
 
-def test_execute_waits_for_every_transition_ready() -> None:
-    group = DaveGroup(CHANNEL, establish_solo=False)
-    a, b = DaveClient(A, CHANNEL), DaveClient(B, CHANNEL)
-    kps = {A: a.session_description(1)[0], B: b.session_description(1)[0]}
-    for client in (a, b):
-        for m in group.join(client.user_id):
-            client.handle(m)
-    assert group.key_package(A, kps[A].binary or b"") == []
-    out = group.key_package(B, kps[B].binary or b"")
-    (to_a,) = [m for m in out if m.user_id == A]
-    (commit,) = a.handle(to_a)
-    out = group.commit_welcome(A, commit.binary or b"")
-    assert sorted((m.user_id, m.opcode) for m in out) == [(A, 29), (B, 30)]
-    replies = {m.user_id: a.handle(m) if m.user_id == A else b.handle(m) for m in out}
-    tid = group.transitions[0].transition_id
-    assert replies[A] == replies[B] == [ClientMessage(23, json={"transition_id": tid})]
-    assert group.transition_ready(A, tid) == []
-    assert group.pending_transitions[tid].awaiting == {B}
-    execute = group.transition_ready(B, tid)
-    assert sorted(m.user_id for m in execute) == [A, B]
-    assert all(m.opcode == 22 and m.json == {"transition_id": tid} for m in execute)
-
-
-def test_rejoin_resets_member() -> None:
-    net = Net(DaveGroup(CHANNEL))
-    group = net.group
+def _announce_commit_of_c(net: Net) -> tuple[int, list[Outgoing]]:
+    """A and B in a group; C joins and A's commit of its Add is announced: (transition id, op 29/30)."""
     net.connect(A)
     net.connect(B)
-    epoch = group.epoch
-    assert epoch is not None
-    net.connect(B)  # a new voice session for B (e.g. a reconnect without resume)
-    # A commits the stale leaf's removal before B's new key package arrives, then B's re-add.
-    assert group.epoch == epoch + 2
-    assert group.transitions[-2].removed == (B,) and group.transitions[-1].added == (B,)
-    assert group.members == {A, B}
+    group = net.group
+    c = DaveClient(C, CHANNEL)
+    kp = c.session_description(1)
+    net.clients[C] = c
+    net.announce(C)
+    for m in group.join(C):
+        c.handle(m)
+    out = group.key_package(C, kp[0].binary or b"")
+    (commit,) = net.clients[A].handle(next(m for m in out if m.user_id == A))
+    net.clients[B].handle(next(m for m in out if m.user_id == B))  # B's own commit loses
+    out = group.commit_welcome(A, commit.binary or b"")
+    return group.transitions[-1].transition_id, out
+
+
+def test_execute_waits_for_every_transition_ready() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    tid, out = _announce_commit_of_c(net)
+    replies = {m.user_id: net.clients[m.user_id].handle(m) for m in out}
+    assert replies[A] == replies[C] == [ClientMessage(23, json={"transition_id": tid})]
+    assert group.transition_ready(A, tid) == []
+    assert group.transition_ready(C, tid) == []
+    assert group.pending_transitions[tid].awaiting == {B}
+
+
+def test_a_transition_executes_at_its_timeout_without_the_silent_member() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    tid, out = _announce_commit_of_c(net)
+    for m in out:
+        net.clients[m.user_id].handle(m)
+    assert group.transition_ready(A, tid) == []  # B and C never answer
+    execute = group.transition_timed_out(tid)
+    assert execute == [Outgoing(u, 22, {"transition_id": tid}, None) for u in (A, B, C)]
+    transition = group.transitions[-1]
+    assert transition.executed and transition.timed_out and tid not in group.pending_transitions
+    assert group.transition_timed_out(tid) == []  # once
+    net.pump(execute)
     assert_consistent(net)
     assert_all_decrypt(net)
+
+
+def test_a_transition_ready_in_time_is_not_timed_out() -> None:
+    net = Net(DaveGroup(CHANNEL))
+    group = net.group
+    tid, out = _announce_commit_of_c(net)
+    net.pump(out)
+    assert not group.transitions[-1].timed_out
+    assert group.transition_timed_out(tid) == []
 
 
 # -- protocol version changes: downgrade to 0 and upgrade back to 1 -----------------------------------
@@ -567,6 +622,7 @@ def test_downgrade_freezes_mls_and_ignores_commits() -> None:
     # downgrade is announced.
     c = DaveClient(C, CHANNEL)
     net.clients[C] = c
+    net.announce(C)
     net.server_q.extend((C, m) for m in c.session_description(1))
     net.deliver(group.join(C))
     step(net)  # C's key package: Add(C) to A and B, who answer with commits
@@ -694,14 +750,17 @@ def test_upgrade_creates_a_new_group_and_everyone_encrypts_again() -> None:
     assert b.decrypt(A, b"plain after the upgrade") == b"plain after the upgrade"
 
 
-def test_upgrade_with_one_member_uses_the_ghost_then_grows() -> None:
+def test_upgrade_with_one_member_waits_for_a_second_then_grows() -> None:
     net = downgraded_net(A)
     group = net.group
     net.pump(group.upgrade())
     a = net.clients[A]
-    assert group.members == {A} and not group.ghost_in_group
-    assert a.can_encrypt and not a.downgraded and a.passthrough_calls[-1] == (True, 10)
+    # Alone after the upgrade: no group yet, and the upgrade is not complete.
+    assert group.members == set() and group.upgrading and not a.ready
     net.connect(B)
+    # The group that completes the upgrade gets a real transition: discord.py leaves the downgrade.
+    assert group.transitions[-1].transition_id != 0 and not group.upgrading
+    assert a.can_encrypt and not a.downgraded and a.passthrough_calls[-1] == (True, 10)
     assert_consistent(net)
     assert_all_decrypt(net)
 
