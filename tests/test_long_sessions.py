@@ -110,7 +110,6 @@ def assert_track(path: Path, length: int, pieces: Mapping[int, np.ndarray], chan
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
-    assert sum(hi - lo for lo, hi in merged) < 50 * RATE, "the file is not sparse: too much to read"
     with sf.SoundFile(str(path)) as f:
         for lo, hi in merged:
             f.seek(lo)
