@@ -11,9 +11,10 @@ reach the sink late (a user whose DAVE key arrived late is delivered up to ~2 s 
 others), so the window trails the latest frame by the horizon; a frame older than that is
 mixed only from the window's start on, and counted in :attr:`MixdownSink.late` and logged.
 
-The file starts at session sample 0 and ends at the session's end; it is written through the
-core's :class:`~listening_core.sinks.AudioFile` (soundfile). Crash safety: the window is not
-final, but it is not kept from the disk either: every ``flush_interval`` seconds of new audio,
+The file starts at session sample 0 and ends at the session's end, at any length (RF64 past
+4 GiB); it is written through the core's :class:`~listening_core.sinks.AudioFile`, hours in
+which nobody speaks at once, as a hole in the file. Crash safety: the window is not final, but
+it is not kept from the disk either: every ``flush_interval`` seconds of new audio,
 the window's mix as it stands (from the first sample that changed) is written after the final
 part of the file (:meth:`~listening_core.sinks.AudioFile.write_ahead`) and the WAV header
 brought up to date (no fsync). A killed process leaves a valid WAV holding the mix of every

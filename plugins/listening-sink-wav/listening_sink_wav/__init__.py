@@ -4,10 +4,14 @@
 Every file starts at session sample 0 and ends at the session's end (silence where the user was
 silent or not there yet), is written as frames arrive and flushed about once a second.
 
+Length: no limit. A file is an ordinary RIFF WAV under 4 GiB (6.2 h of 48 kHz stereo) and is
+rewritten in place as RF64 (64-bit WAV) past that; long silence is a hole in the file (sparse).
+
 Crash safety: PCM reaches the operating system as it is written, and the WAV header is brought
 up to date at every flush, so a file left by a killed process is a valid WAV up to the last
 flush (libsndfile reads it to the last sample written even so). :func:`recover` fixes the header
-from the file's length, so every reader sees everything written before the kill.
+from the file's length (64-bit sizes: a file killed past 4 GiB is made RF64), so every reader
+sees everything written before the kill.
 """
 
 from __future__ import annotations
