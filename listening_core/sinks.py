@@ -997,24 +997,29 @@ def convert_file(
             compression_level = mp3_compression_level(bitrate, info.samplerate)
     elif bitrate is not None:
         raise ValueError("bitrate applies to mp3 only")
-    with (
-        soundfile.SoundFile(str(source)) as reader,
-        soundfile.SoundFile(
-            str(dest),
-            "w",
-            samplerate=reader.samplerate,
-            channels=reader.channels,
-            format=sf_format,
-            subtype=subtype,
-            compression_level=compression_level,
-            bitrate_mode="CONSTANT" if key == "mp3" and bitrate is not None else None,
-        ) as writer,
-    ):
-        while True:
-            block = reader.read(blocksize, dtype="int16", always_2d=True)
-            if not len(block):
-                break
-            writer.write(block)
+    with soundfile.SoundFile(str(source)) as reader:
+        writer: Any
+        if key == "wav":  # written like AudioFile's WAV: no 4 GiB limit (RF64 past it)
+            writer = _WavWriter(dest, reader.channels, reader.samplerate)
+        else:
+            writer = soundfile.SoundFile(
+                str(dest),
+                "w",
+                samplerate=reader.samplerate,
+                channels=reader.channels,
+                format=sf_format,
+                subtype=subtype,
+                compression_level=compression_level,
+                bitrate_mode="CONSTANT" if key == "mp3" and bitrate is not None else None,
+            )
+        try:
+            while True:
+                block = reader.read(blocksize, dtype="int16", always_2d=True)
+                if not len(block):
+                    break
+                writer.write(block)
+        finally:
+            writer.close()
     return dest
 
 

@@ -265,3 +265,16 @@ def test_an_older_wav_past_4gib_is_rewritten_as_rf64(tmp_path: Path) -> None:
     assert _head(path)[:4] == b"RF64"
     assert not list(tmp_path.glob(".*recovering"))
     assert_track(path, samples, {0: pattern(0, RATE), SEVEN_HOURS: late})
+
+
+def test_converting_to_wav_keeps_room_for_rf64(tmp_path: Path) -> None:
+    """convert_file / AudioFile.convert to "wav" writes the same WAV as AudioFile (so a long
+    recording converted from FLAC is not cut at 4 GiB either)."""
+    audio = AudioFile(tmp_path / "a.flac", format="FLAC")
+    for frame in frames(1, 0, 50):
+        audio.write(frame)
+    audio.cleanup()
+    path = audio.convert("wav")
+    assert _head(path)[:16] == b"RIFF" + struct.pack("<I", path.stat().st_size - 8) + b"WAVEJUNK"
+    data, _ = sf.read(str(path), dtype="int16", always_2d=True)
+    assert np.array_equal(data, pattern(0, 50 * FRAME))
