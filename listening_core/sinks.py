@@ -11,7 +11,8 @@ from one delivery thread (never the socket reader's, so a slow sink cannot make 
 - :class:`AudioFileSink`: one :class:`AudioFile` per user, all aligned on the session timeline.
 - :class:`AudioFile`: one user's track streamed to disk through soundfile as frames arrive,
   silence where the user was silent, so tracks drop into an editor side by side; mono or
-  stereo, 48 kHz or resampled (:mod:`listening_core.resample`); :meth:`AudioFile.convert`.
+  stereo, 48 kHz or resampled (:mod:`listening_core.resample`); :meth:`AudioFile.convert`. Any
+  length: a WAV is RIFF under 4 GiB and RF64 past it.
 - :class:`FileSinkOptions`: the options the file sink plugins (wav, flac, mp3) share.
 - :func:`recover_file`: make a file left by a killed process whole; :func:`convert_file`.
 """
@@ -588,7 +589,7 @@ class AudioFile:
 
     Length: a WAV has no limit. It is an ordinary RIFF WAVE while it holds under 4 GiB (6.2 hours
     of 48 kHz stereo) and becomes RF64 in place when it grows past that, the 64-bit form of WAV
-    that libsndfile (soundfile), ffmpeg, sox and most audio editors read. Silence at the end of a
+    that libsndfile (soundfile) and ffmpeg read. Silence at the end of a
     16-bit WAV (a member not there yet, or quiet for a while) is left as a hole in the file: on
     file systems with sparse files it takes no disk, and it reads as zeros.
 
@@ -665,7 +666,11 @@ class AudioFile:
                     bitrate_mode=bitrate_mode,
                 )
                 if wav:
-                    _rf64_auto_downgrade(self._file)
+                    try:
+                        _rf64_auto_downgrade(self._file)
+                    except BaseException:
+                        self._file.close()
+                        raise
         except Exception as exc:
             self.error = exc
             self.done = True
