@@ -573,7 +573,8 @@ class _WavWriter:
 
 
 class AudioFile:
-    """One user's track, written to disk through soundfile as frames arrive.
+    """One user's track, written to disk as frames arrive (16-bit WAV by :class:`_WavWriter`,
+    other formats through soundfile).
 
     Frames are written at their session position; the stretch between the end of the file and a
     frame's position is filled with silence, so the file always starts at session sample 0.
@@ -589,9 +590,9 @@ class AudioFile:
 
     Length: a WAV has no limit. It is an ordinary RIFF WAVE while it holds under 4 GiB (6.2 hours
     of 48 kHz stereo) and becomes RF64 in place when it grows past that, the 64-bit form of WAV
-    that libsndfile (soundfile) and ffmpeg read. Silence at the end of a
-    16-bit WAV (a member not there yet, or quiet for a while) is left as a hole in the file: on
-    file systems with sparse files it takes no disk, and it reads as zeros.
+    that libsndfile (soundfile), sox and ffmpeg read. Silence at the end of a 16-bit WAV (a
+    member not there yet, or quiet for a while) is left as a hole in the file: on file systems
+    with sparse files it takes no disk, and it reads as zeros.
 
     Crash safety: audio goes to the operating system as it is written (in blocks of a quarter of
     a second), and every ``flush_interval`` seconds of audio a WAV header is rewritten to cover
