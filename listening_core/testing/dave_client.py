@@ -99,16 +99,16 @@ class RecognisedUsers:
 class DaveClient(RecognisedUsers):
     """A discord.py-like DAVE participant for one user (sans-I/O).
 
-    With ``enforce_recognised`` (the default) it hands davey the recognised user ids with every op 27,
-    so an Add for a user no op 11 announced raises (davey's ``UnexpectedUser``), as protocol.md
-    requires; discord.py 2.7.1 itself passes none.
+    With ``enforce_recognised`` it hands davey the recognised user ids with every op 27, so an Add
+    for a user no op 11 announced raises (davey's ``UnexpectedUser``), as protocol.md requires; off
+    by default, as in discord.py 2.7.1, which passes none (virtual members turn it on).
 
     Errors from ``set_external_sender`` / ``process_proposals`` propagate, as they do in discord.py
     (where they escape the websocket handler); failures of ``process_commit`` / ``process_welcome``
     are answered with op 31 and a fresh key package, as discord.py's ``_recover_from_invalid_commit``.
     """
 
-    def __init__(self, user_id: int, channel_id: int, *, enforce_recognised: bool = True) -> None:
+    def __init__(self, user_id: int, channel_id: int, *, enforce_recognised: bool = False) -> None:
         super().__init__(user_id, enforce_recognised=enforce_recognised)
         self.channel_id = channel_id
         self.mls_failures: list[tuple[str, str]] = []

@@ -53,7 +53,7 @@ class Net:
 
     def connect(self, uid: int, *, pump: bool = True) -> DaveClient:
         """Voice session reaches op 4: discord.py sends op 26 at once, the server sends op 25."""
-        client = DaveClient(uid, CHANNEL)
+        client = DaveClient(uid, CHANNEL, enforce_recognised=True)
         self.clients[uid] = client
         key_package = client.session_description(1)  # op 4 -> reinit -> op 26 (sent immediately)
         self.announce(uid)
@@ -164,8 +164,8 @@ def test_two_pending_members_race_and_loser_is_welcomed() -> None:
     net = Net(DaveGroup(CHANNEL))
     group = net.group
     # Both voice sessions reach op 4 before any proposal is processed by a client.
-    a = DaveClient(A, CHANNEL)
-    b = DaveClient(B, CHANNEL)
+    a = DaveClient(A, CHANNEL, enforce_recognised=True)
+    b = DaveClient(B, CHANNEL, enforce_recognised=True)
     net.clients.update({A: a, B: b})
     kp_a = a.session_description(1)[0].binary
     kp_b = b.session_description(1)[0].binary
@@ -218,7 +218,7 @@ def test_joiner_commits_path() -> None:
     group = DaveGroup(CHANNEL)
     net = Net(group)
     net.connect(A)
-    b = DaveClient(B, CHANNEL)
+    b = DaveClient(B, CHANNEL, enforce_recognised=True)
     net.clients[B] = b
     net.announce(B)
     kp_b = b.session_description(1)
@@ -302,7 +302,7 @@ def test_leave_of_pending_joiner_revokes_its_add() -> None:
     net.connect(A)
     net.connect(B)
     epoch = group.epoch
-    c = DaveClient(C, CHANNEL)
+    c = DaveClient(C, CHANNEL, enforce_recognised=True)
     kp = c.session_description(1)
     net.announce(C)
     group.join(C)
@@ -365,7 +365,7 @@ def test_malformed_commit_welcome_is_rejected_without_state_change() -> None:
     group = net.group
     net.connect(A)
     net.connect(B)
-    c = DaveClient(C, CHANNEL)
+    c = DaveClient(C, CHANNEL, enforce_recognised=True)
     net.clients[C] = c
     net.announce(C)
     kp = c.session_description(1)
@@ -421,7 +421,7 @@ def test_outgoing_shapes() -> None:
     net.connect(A)
     net.connect(B)
     a = net.clients[A]
-    c = DaveClient(C, CHANNEL)
+    c = DaveClient(C, CHANNEL, enforce_recognised=True)
     kp = c.session_description(1)
     net.clients[C] = c
     net.announce(C)
@@ -453,7 +453,7 @@ def test_corrupted_welcome_triggers_op31_and_readd() -> None:
     net.connect(B)
     epoch = group.epoch
     assert epoch is not None
-    c = DaveClient(C, CHANNEL)
+    c = DaveClient(C, CHANNEL, enforce_recognised=True)
     net.clients[C] = c
     net.announce(C)
     kp = c.session_description(1)
@@ -485,7 +485,7 @@ def _announce_commit_of_c(net: Net) -> tuple[int, list[Outgoing]]:
     net.connect(A)
     net.connect(B)
     group = net.group
-    c = DaveClient(C, CHANNEL)
+    c = DaveClient(C, CHANNEL, enforce_recognised=True)
     kp = c.session_description(1)
     net.clients[C] = c
     net.announce(C)
@@ -620,7 +620,7 @@ def test_downgrade_freezes_mls_and_ignores_commits() -> None:
     epoch = group.epoch
     # C joins; A and B get Add(C) and commit it, but the commits are still on their way when the
     # downgrade is announced.
-    c = DaveClient(C, CHANNEL)
+    c = DaveClient(C, CHANNEL, enforce_recognised=True)
     net.clients[C] = c
     net.announce(C)
     net.server_q.extend((C, m) for m in c.session_description(1))
