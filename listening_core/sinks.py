@@ -23,6 +23,7 @@ import abc
 import collections
 import contextlib
 import enum
+import errno
 import logging
 import os
 import pathlib
@@ -1201,6 +1202,18 @@ def _rf64_header(
     return prefix + filler + struct.pack("<4sI", b"data", _U32)
 
 
+def _next_data(fh: Any, pos: int, end: int) -> int:
+    """Where data starts at or after ``pos`` in ``fh`` (``end`` if only a hole is left); ``pos``
+    where the file system cannot say (no SEEK_DATA)."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    if seek_data is None:
+        return pos
+    try:
+        return min(end, os.lseek(fh.fileno(), pos, seek_data))
+    except OSError as exc:
+        return end if exc.errno == errno.ENXIO else pos
+
+
 def _rewrite_as_rf64(
     path: pathlib.Path, chunks: list[tuple[bytes, int, int]], data_start: int, data_size: int, frames: int
 ) -> None:
@@ -1210,23 +1223,29 @@ def _rewrite_as_rf64(
 
     tmp = path.with_name(f".{path.name}.recovering")
     try:
-        with path.open("rb") as src, tmp.open("wb") as dst:
+        # unbuffered: _next_data moves the descriptor's offset, every read seeks first
+        with path.open("rb", buffering=0) as src, tmp.open("wb") as dst:
             riff_size = len(_rf64_prefix(src, chunks, 0, data_size, frames)) + data_size
             dst.write(
                 _rf64_prefix(src, chunks, riff_size, data_size, frames) + struct.pack("<4sI", b"data", _U32)
             )
-            src.seek(data_start)
-            left = data_size
+            pos, end = data_start, data_start + data_size
             zeros = bytes(1 << 20)
-            while left:
-                block = src.read(min(left, len(zeros)))
+            while pos < end:
+                data = _next_data(src, pos, end)  # a hole (silence) stays a hole
+                if data > pos:
+                    dst.seek(data - pos, os.SEEK_CUR)
+                    pos = data
+                    continue
+                src.seek(pos)
+                block = src.read(min(end - pos, len(zeros)))
                 if not block:
                     raise SinkError(f"{path} shrank while being recovered")
                 if block == (zeros if len(block) == len(zeros) else bytes(len(block))):
-                    dst.seek(len(block), os.SEEK_CUR)  # silence stays a hole
+                    dst.seek(len(block), os.SEEK_CUR)  # so do zeros written out
                 else:
                     dst.write(block)
-                left -= len(block)
+                pos += len(block)
             dst.truncate()
             dst.flush()
             os.fsync(dst.fileno())
