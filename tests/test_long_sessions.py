@@ -110,8 +110,9 @@ def assert_track(path: Path, length: int, pieces: Mapping[int, np.ndarray], chan
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
+    blocks = [(a, min(hi, a + (1 << 22))) for lo, hi in merged for a in range(lo, hi, 1 << 22)]
     with sf.SoundFile(str(path)) as f:
-        for lo, hi in merged:
+        for lo, hi in blocks:
             f.seek(lo)
             got = f.read(hi - lo, dtype="int16", always_2d=True)
             want = np.zeros((hi - lo, channels), dtype=np.int16)
