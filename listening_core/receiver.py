@@ -34,7 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .crypto import OPUS_SILENCE, TransportCipher, dave_decrypt, transport_cipher
+from .crypto import OPUS_SILENCE, DaveError, TransportCipher, dave_decrypt, transport_cipher
 from .errors import PacketError
 from .jitter import NO_MEDIA, JitterBuffer, Playout
 from .jitter import FrameKind as JitterKind
@@ -533,17 +533,32 @@ class AudioReceiver(threading.Thread):
 
     def _dave_open(self, stream: _Stream, payload: bytes) -> bytes | None:
         """``payload`` with its DAVE layer opened, or None if it does not open (yet)."""
+        try:
+            return self._dave_decrypt(stream.user_id, payload)
+        except Exception:
+            return None
+
+    def _dave_decrypt(self, user_id: int, payload: bytes) -> bytes:
+        """Open ``payload``'s DAVE layer with the session's keys, or else with those of the group
+        a new one replaced in the last few seconds (a frame still on its way when the last other
+        member left and the bot's group was reset); raises the current session's :class:`DaveError`.
+        """
         conn = self.voice_client._connection
         try:
             return dave_decrypt(
                 conn.dave_session,
-                stream.user_id,
+                user_id,
                 payload,
                 protocol_version=conn.dave_protocol_version,
                 downgraded=bool(getattr(conn, "dave_downgraded", False)),
             )
-        except Exception:
-            return None
+        except DaveError as exc:
+            retired_session = getattr(conn, "retired_dave_session", None)
+            retired = retired_session() if retired_session is not None else None
+            if retired is not None:
+                with contextlib.suppress(DaveError):
+                    return dave_decrypt(retired, user_id, payload, protocol_version=1)
+            raise exc from None
 
     def _jitter(self, stream: _Stream, out: list[Playout], now: float) -> None:
         """Count what the jitter buffer dropped and open the DAVE layer of what it released."""
@@ -569,9 +584,6 @@ class AudioReceiver(threading.Thread):
         the waiting frame is undecryptable. Frames that never open are concealed and counted.
         A lost frame marked for FEC keeps FEC only if the next frame, decrypted, carries it.
         """
-        conn = self.voice_client._connection
-        session, version = conn.dave_session, conn.dave_protocol_version
-        downgraded = bool(getattr(conn, "dave_downgraded", False))
         stats = self.stats[stream.user_id]
         q = stream.pending
         waited = stream.blocked_since is not None
@@ -587,9 +599,7 @@ class AudioReceiver(threading.Thread):
             if opus is None:
                 assert item.payload is not None
                 try:
-                    opus = dave_decrypt(
-                        session, stream.user_id, item.payload, protocol_version=version, downgraded=downgraded
-                    )
+                    opus = self._dave_decrypt(stream.user_id, item.payload)
                 except Exception as exc:
                     reason = getattr(exc, "reason", "")
                     if reason == "no-key" and not final:

@@ -27,11 +27,13 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import discord
+from discord.gateway import DiscordVoiceWebSocket
 from discord.utils import MISSING
 from discord.voice_state import ConnectionFlowState, VoiceConnectionState
 
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
     from .plugins import SinkRegistry
 
 _log = logging.getLogger(__name__)
+
+DAVE_KEY_RETENTION = 10.0
+"""Seconds a replaced DAVE group's keys still open frames (DAVE keeps old keys up to 10 s)."""
 
 __all__ = ["RECEIVE_BUFFER", "ListeningInterrupted", "ListeningStateError", "VoiceClient"]
 
@@ -93,7 +98,44 @@ class _ConnectionState(VoiceConnectionState):
       30 s.
     - Leaving expects Discord's confirmation before asking (:meth:`_voice_disconnect`): a
       ``disconnect()`` could wait its whole timeout.
+    - A new DAVE group keeps the old one's keys for :data:`DAVE_KEY_RETENTION` seconds
+      (:meth:`reinit_dave_session`): discord.py re-initialises its one davey session in place,
+      so when the last other member left (Discord resets a sole member's group) the frames of
+      theirs still on the way no longer opened, and were concealed.
     """
+
+    _retired_dave: tuple[Any, float] | None = None
+    dave_external_sender: bytes | None = None
+    """The voice server's MLS external sender (op 25), which a new DAVE session is given."""
+
+    async def _connect_websocket(self, resume: bool) -> DiscordVoiceWebSocket:
+        seq_ack = -1 if self.ws is MISSING else self.ws.seq_ack
+        ws = await _VoiceWebSocket.from_connection_state(self, resume=resume, hook=self.hook, seq_ack=seq_ack)
+        self.state = ConnectionFlowState.websocket_connected
+        return ws
+
+    async def reinit_dave_session(self) -> None:
+        old, sender = self.dave_session, self.dave_external_sender
+        if self.dave_protocol_version > 0 and old is not None and old.ready and sender is not None:
+            # Keep the ready session whole: discord.py builds a new one beside it, which the
+            # external sender, set once per connection, is given as reinit would have kept it.
+            self._retired_dave = (old, time.monotonic() + DAVE_KEY_RETENTION)
+            self.dave_session = None
+            await super().reinit_dave_session()
+            if self.dave_session is not None:
+                self.dave_session.set_external_sender(sender)
+            return
+        await super().reinit_dave_session()
+
+    def retired_dave_session(self) -> Any:
+        """The DAVE session a new group replaced, while its keys are kept; else None."""
+        retired = self._retired_dave
+        if retired is None:
+            return None
+        if time.monotonic() >= retired[1]:
+            self._retired_dave = None
+            return None
+        return retired[0]
 
     async def _connect(
         self, reconnect: bool, timeout: float, self_deaf: bool, self_mute: bool, resume: bool
@@ -163,6 +205,16 @@ class _ConnectionState(VoiceConnectionState):
                 raise TimeoutError(f"voice connection state {self.state.name} did not change in time")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._state_event.wait(), wait)
+
+
+class _VoiceWebSocket(DiscordVoiceWebSocket):
+    """discord.py's voice websocket, noting the MLS external sender for :class:`_ConnectionState`."""
+
+    async def received_binary_message(self, msg: bytes) -> None:
+        conn = self._connection
+        if len(msg) > 3 and msg[2] == self.MLS_EXTERNAL_SENDER and isinstance(conn, _ConnectionState):
+            conn.dave_external_sender = bytes(msg[3:])
+        await super().received_binary_message(msg)
 
 
 class VoiceClient(discord.VoiceClient):
