@@ -11,7 +11,19 @@ from __future__ import annotations
 import logging
 import re
 
-__all__ = ["DaveError", "DecryptError", "ListeningError", "PacketError"]
+__all__ = [
+    "DaveError",
+    "DecryptError",
+    "InvalidPluginError",
+    "ListeningError",
+    "OptionsError",
+    "PacketError",
+    "PluginConflictError",
+    "PluginError",
+    "PoolClosed",
+    "UnknownSinkError",
+    "WorkerDied",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -46,6 +58,108 @@ class DaveError(DecryptError):
     after the pending commit/welcome is processed), ``"unencrypted"`` (a plain frame while the
     sender's passthrough is off: drop it), ``"dave-failed"`` (anything else: drop it).
     """
+
+
+# ------------------------------------------------------------------------- plugins and options
+
+
+class PluginError(ListeningError):
+    """A sink plugin is missing, broken, or clashes with another one."""
+
+
+class InvalidPluginError(PluginError):
+    """A plugin breaks the contract of :mod:`listening_core.hookspecs`.
+
+    Raised by :meth:`~listening_core.plugins.SinkRegistry.register` (and by
+    :meth:`~listening_core.plugins.SinkRegistry.create` when a factory
+    returns something that is not a sink); plugins found through entry points are recorded in
+    :attr:`~listening_core.plugins.SinkRegistry.failures` instead.
+    """
+
+    plugin: str | None
+    """The plugin's name (its entry point name, or the name given to ``register``)."""
+
+    def __init__(self, message: str, *, plugin: str | None = None) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+
+
+class PluginConflictError(PluginError):
+    """Two or more plugins provide a sink with the same name; uninstall one of them."""
+
+    sink: str
+    """The contested sink name."""
+    providers: tuple[str, ...]
+    """Who provides it: ``"<distribution> <version>"`` or ``"plugin '<name>' (registered in code)"``."""
+
+    def __init__(self, message: str, *, sink: str = "", providers: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.sink = sink
+        self.providers = providers
+
+
+class UnknownSinkError(PluginError, LookupError):
+    """No installed plugin provides a sink with this name.
+
+    The message lists the installed sinks, suggests near names and says what to install.
+    """
+
+    sink: str
+    """The name that was asked for."""
+    installed: tuple[str, ...]
+    """The names of the sinks that are available."""
+    suggestions: tuple[str, ...]
+    """Near names (installed or published by this project), best first."""
+    install: str | None
+    """The distribution the message suggests installing, if any."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sink: str = "",
+        installed: tuple[str, ...] = (),
+        suggestions: tuple[str, ...] = (),
+        install: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.sink = sink
+        self.installed = installed
+        self.suggestions = suggestions
+        self.install = install
+
+    def __str__(self) -> str:
+        # LookupError subclasses keep Exception's __str__, but be explicit: no KeyError quoting
+        return str(self.args[0]) if self.args else ""
+
+
+class OptionsError(ListeningError, ValueError):
+    """The options given for a sink are unknown, ill-typed or rejected by the sink.
+
+    A sink's options class may raise it from ``__post_init__`` too (a plain ``ValueError`` works
+    as well and is converted).
+    """
+
+    sink: str | None
+    """The sink the options were for."""
+    option: str | None
+    """The offending option, when one can be named."""
+
+    def __init__(self, message: str, *, sink: str | None = None, option: str | None = None) -> None:
+        super().__init__(message)
+        self.sink = sink
+        self.option = option
+
+
+# ------------------------------------------------------------------------------ decoding pool
+
+
+class WorkerDied(ListeningError):
+    """A decoding worker died with this batch in flight; its frames are concealed."""
+
+
+class PoolClosed(ListeningError):
+    """The pool was shut down."""
 
 
 # ------------------------------------------------- fixes named in messages (private, shared)

@@ -40,7 +40,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
 import pluggy
 
 from . import hookspecs
-from .errors import ListeningError
+from .errors import (
+    InvalidPluginError,
+    OptionsError,
+    PluginConflictError,
+    PluginError,
+    UnknownSinkError,
+)
 from .hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME, SINK_NAME_RE, SinkSpec
 
 if TYPE_CHECKING:
@@ -76,96 +82,6 @@ KNOWN_DISTRIBUTIONS: Mapping[str, str] = types.MappingProxyType(
 """Sink name → the distribution that provides it, for the sinks this project publishes."""
 
 _HOOK_NAMES = ("listening_sinks", "listening_sink_created", "listening_session_finished")
-
-
-# --------------------------------------------------------------------------------------- errors
-
-
-class PluginError(ListeningError):
-    """A sink plugin is missing, broken, or clashes with another one."""
-
-
-class InvalidPluginError(PluginError):
-    """A plugin breaks the contract of :mod:`listening_core.hookspecs`.
-
-    Raised by :meth:`SinkRegistry.register` (and by :meth:`SinkRegistry.create` when a factory
-    returns something that is not a sink); plugins found through entry points are recorded in
-    :attr:`SinkRegistry.failures` instead.
-    """
-
-    plugin: str | None
-    """The plugin's name (its entry point name, or the name given to ``register``)."""
-
-    def __init__(self, message: str, *, plugin: str | None = None) -> None:
-        super().__init__(message)
-        self.plugin = plugin
-
-
-class PluginConflictError(PluginError):
-    """Two or more plugins provide a sink with the same name; uninstall one of them."""
-
-    sink: str
-    """The contested sink name."""
-    providers: tuple[str, ...]
-    """Who provides it: ``"<distribution> <version>"`` or ``"plugin '<name>' (registered in code)"``."""
-
-    def __init__(self, message: str, *, sink: str = "", providers: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.sink = sink
-        self.providers = providers
-
-
-class UnknownSinkError(PluginError, LookupError):
-    """No installed plugin provides a sink with this name.
-
-    The message lists the installed sinks, suggests near names and says what to install.
-    """
-
-    sink: str
-    """The name that was asked for."""
-    installed: tuple[str, ...]
-    """The names of the sinks that are available."""
-    suggestions: tuple[str, ...]
-    """Near names (installed or published by this project), best first."""
-    install: str | None
-    """The distribution the message suggests installing, if any."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        sink: str = "",
-        installed: tuple[str, ...] = (),
-        suggestions: tuple[str, ...] = (),
-        install: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.sink = sink
-        self.installed = installed
-        self.suggestions = suggestions
-        self.install = install
-
-    def __str__(self) -> str:
-        # LookupError subclasses keep Exception's __str__, but be explicit: no KeyError quoting
-        return str(self.args[0]) if self.args else ""
-
-
-class OptionsError(ListeningError, ValueError):
-    """The options given for a sink are unknown, ill-typed or rejected by the sink.
-
-    A sink's options class may raise it from ``__post_init__`` too (a plain ``ValueError`` works
-    as well and is converted).
-    """
-
-    sink: str | None
-    """The sink the options were for."""
-    option: str | None
-    """The offending option, when one can be named."""
-
-    def __init__(self, message: str, *, sink: str | None = None, option: str | None = None) -> None:
-        super().__init__(message)
-        self.sink = sink
-        self.option = option
 
 
 # ------------------------------------------------------------------------------ options: types

@@ -32,21 +32,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ListeningError
+from .errors import PoolClosed, WorkerDied
 from .opus import load_libopus
 from .unpacker import CLOSE, AudioUnpacker, DecodeAnswer, DecodeJob
 
 _log = logging.getLogger(__name__)
 
 __all__ = ["AudioProcessPool", "PoolClosed", "WorkerDied"]
-
-
-class WorkerDied(ListeningError):
-    """A decoding worker died with this batch in flight; its frames are concealed."""
-
-
-class PoolClosed(ListeningError):
-    """The pool was shut down."""
 
 
 @dataclass
