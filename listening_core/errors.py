@@ -4,6 +4,26 @@ Every error listening-core raises derives from :class:`ListeningError`. Errors a
 datagram or frame derive from :class:`PacketError` and carry a short machine-readable
 :attr:`~PacketError.reason` (``"truncated"``, ``"bad-tag"``, ``"no-key"`` ...) that receivers use
 as a drop-counter key; such errors are expected on a live connection and are not bugs.
+
+Every exception class is defined here (the modules that raise them import them, so the old
+spellings ``listening_core.plugins.UnknownSinkError``, ``listening_core.opus.OpusError``,
+``listening_core.sinks.SinkError``, ``listening_core.pool.WorkerDied``… keep working)::
+
+    ListeningError
+    ├── PacketError (ValueError)          one bad datagram or frame: dropped and counted
+    │   └── DecryptError
+    │       └── DaveError
+    ├── PluginError                       sink plugins (listening_core.plugins)
+    │   ├── InvalidPluginError
+    │   ├── PluginConflictError
+    │   └── UnknownSinkError (LookupError)
+    ├── OptionsError (ValueError)         a sink's options
+    ├── SinkError                         a sink failed (listening_core.sinks)
+    ├── LibopusNotFound, OpusError        decoding (listening_core.opus)
+    └── WorkerDied, PoolClosed            the decoding pool (listening_core.pool)
+
+(``ListeningStateError`` and ``ListeningInterrupted`` are still defined in
+:mod:`listening_core.voice_client`.)
 """
 
 from __future__ import annotations
@@ -15,12 +35,15 @@ __all__ = [
     "DaveError",
     "DecryptError",
     "InvalidPluginError",
+    "LibopusNotFound",
     "ListeningError",
     "OptionsError",
+    "OpusError",
     "PacketError",
     "PluginConflictError",
     "PluginError",
     "PoolClosed",
+    "SinkError",
     "UnknownSinkError",
     "WorkerDied",
 ]
@@ -160,6 +183,35 @@ class WorkerDied(ListeningError):
 
 class PoolClosed(ListeningError):
     """The pool was shut down."""
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+
+class LibopusNotFound(ListeningError):
+    """libopus could not be loaded; the message says how to install it."""
+
+
+class OpusError(ListeningError):
+    """libopus refused a packet or a call: :attr:`code` is libopus's (negative) error code."""
+
+    code: int
+    """libopus error code, e.g. ``-4`` (``OPUS_INVALID_PACKET``)."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message if message is not None else f"libopus error {code}")
+        self.code = code
+
+    def __reduce__(self) -> tuple[type[OpusError], tuple[int, str]]:
+        # keep the code when errors cross a process boundary (pickle)
+        return (type(self), (self.code, str(self)))
+
+
+# --------------------------------------------------------------------------------------- sinks
+
+
+class SinkError(ListeningError):
+    """A sink failed; the session stops that sink and passes this (with the cause) to ``after``."""
 
 
 # ------------------------------------------------- fixes named in messages (private, shared)

@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 
-from .errors import ListeningError
+from .errors import LibopusNotFound, OpusError
 
 __all__ = [
     "LIBOPUS_ENV",
@@ -50,25 +50,6 @@ _OPUS_RESET_STATE = 4028
 _SAMPLE_RATES = frozenset((8000, 12000, 16000, 24000, 48000))
 _MAX_PACKET_MS = 120  # the longest duration one Opus packet can hold
 _MAX_FRAMES = 48  # the most frames one Opus packet can hold (48 x 2.5 ms)
-
-
-class LibopusNotFound(ListeningError):
-    """libopus could not be loaded; the message says how to install it."""
-
-
-class OpusError(ListeningError):
-    """libopus refused a packet or a call: :attr:`code` is libopus's (negative) error code."""
-
-    code: int
-    """libopus error code, e.g. ``-4`` (``OPUS_INVALID_PACKET``)."""
-
-    def __init__(self, code: int, message: str | None = None) -> None:
-        super().__init__(message if message is not None else f"libopus error {code}")
-        self.code = code
-
-    def __reduce__(self) -> tuple[type[OpusError], tuple[int, str]]:
-        # keep the code when errors cross a process boundary (pickle)
-        return (type(self), (self.code, str(self)))
 
 
 def _error(lib: ctypes.CDLL, code: int, what: str) -> OpusError:

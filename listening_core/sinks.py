@@ -35,7 +35,7 @@ from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
-from .errors import ListeningError
+from .errors import SinkError
 from .rtp import seq_diff
 
 if TYPE_CHECKING:
@@ -72,10 +72,6 @@ SAMPLE_RATE = 48_000
 CHANNELS = 2
 FRAME_SAMPLES = 960
 FRAME_BYTES = FRAME_SAMPLES * CHANNELS * 2
-
-
-class SinkError(ListeningError):
-    """A sink failed; the session stops that sink and passes this (with the cause) to ``after``."""
 
 
 class FrameKind(enum.Enum):
