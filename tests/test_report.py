@@ -18,6 +18,7 @@ import soundfile
 from PIL import Image
 
 from listening_core import report as report_mod
+from listening_core import report_png
 from listening_core.receiver import UserStats
 from listening_core.report import SessionReport, load_report, peak_level, render_timeline
 from listening_core.sinks import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, FrameKind, SessionInfo
@@ -356,7 +357,7 @@ def lane_is_background(image: Image.Image, top: int, bottom: int, x0: int, x1: i
     """Whether each plot column in rows [top, bottom) holds nothing but lane background, grid and baseline."""
     pixels = np.asarray(image.convert("RGB"))[top:bottom, x0:x1]
     allowed = np.zeros(pixels.shape[:2], dtype=bool)
-    for color in (report_mod._LANE_BG, report_mod._GRID, report_mod._BASELINE):
+    for color in (report_png._LANE_BG, report_png._GRID, report_png._BASELINE):
         allowed |= (pixels == np.array(color, dtype=np.uint8)).all(axis=2)
     return np.asarray(allowed.all(axis=0))
 
@@ -390,20 +391,20 @@ def test_timeline_shows_each_member_where_they_spoke(tmp_path: Path) -> None:
     report = two_speakers()
     path = render_timeline(report, tmp_path / "timeline.png")
     image = Image.open(path)
-    layout = report_mod._layout(2, END, 1600)
+    layout = report_png._layout(2, END, 1600)
     assert image.format == "PNG" and image.size == (1600, layout.height)
     assert (
         layout.height
-        == report_mod._TITLE_H + 3 * (report_mod._LANE_H + report_mod._LANE_GAP) + report_mod._AXIS_H
+        == report_png._TITLE_H + 3 * (report_png._LANE_H + report_png._LANE_GAP) + report_png._AXIS_H
     )
-    palette = report_mod._PALETTE
+    palette = report_png._PALETTE
     check_lane(image, layout, 0, palette[0], BURSTS[BOB])  # bob spoke first: the first lane
     check_lane(image, layout, 1, palette[1], BURSTS[ALICE])
     # without a mixdown file, the last lane is the loudest member at each moment
-    check_lane(image, layout, 2, report_mod._MIX_COLOR, BURSTS[BOB] + BURSTS[ALICE])
+    check_lane(image, layout, 2, report_png._MIX_COLOR, BURSTS[BOB] + BURSTS[ALICE])
     # the speech intervals are shaded in the lane (visible even where the bars leave room)
     top, bottom = layout.lanes[1]
-    shade = report_mod._tint(palette[1], 0.22)
+    shade = report_png._tint(palette[1], 0.22)
     assert lane_columns(image, top, bottom, layout.x0, layout.x1, shade)[layout.x_at(11.0) - layout.x0] > 0
 
 
@@ -430,9 +431,9 @@ def test_timeline_mixdown_lane_comes_from_the_file(tmp_path: Path, monkeypatch: 
     assert data["mixdown"] == str(wav)  # outside the report's directory: kept as given
     assert len(reads) > 1 and 0 < max(reads) < len(audio)  # in blocks, never the whole file
     image = Image.open(tmp_path / "out" / "timeline.png")
-    layout = report_mod._layout(2, END, 1600)
-    check_lane(image, layout, 2, report_mod._MIX_COLOR, mix_bursts)
-    check_lane(image, layout, 1, report_mod._PALETTE[1], BURSTS[ALICE])
+    layout = report_png._layout(2, END, 1600)
+    check_lane(image, layout, 2, report_png._MIX_COLOR, mix_bursts)
+    check_lane(image, layout, 1, report_png._PALETTE[1], BURSTS[ALICE])
 
 
 def test_timeline_of_a_long_session_is_downsampled(tmp_path: Path) -> None:
@@ -446,9 +447,9 @@ def test_timeline_of_a_long_session_is_downsampled(tmp_path: Path) -> None:
     assert report._bin == 4  # two hours of frames halved twice to fit max_envelope
     assert len(report._tracks[ALICE].envelope) <= report.max_envelope
     image = Image.open(render_timeline(report, tmp_path / "t.png", width=1200))
-    layout = report_mod._layout(1, 7200.0, 1200)
+    layout = report_png._layout(1, 7200.0, 1200)
     assert image.size == (1200, layout.height)
-    check_lane(image, layout, 0, report_mod._PALETTE[0], bursts, tolerance=2)
+    check_lane(image, layout, 0, report_png._PALETTE[0], bursts, tolerance=2)
 
 
 def test_envelope_memory_stays_small() -> None:
@@ -527,11 +528,11 @@ def test_snapshot_while_another_thread_feeds_frames(tmp_path: Path) -> None:
 def test_names_the_font_cannot_draw_are_folded() -> None:
     from PIL import ImageFont
 
-    glyphs = report_mod._Glyphs(ImageFont.load_default(size=15))  # ASCII and little more
+    glyphs = report_png._Glyphs(ImageFont.load_default(size=15))  # ASCII and little more
     assert glyphs.printable("Zoë Łukasz") == "Zoe ?ukasz"
-    assert report_mod._label(glyphs, {"name": "José", "user_id": 7}) == "Jose"
-    assert report_mod._label(glyphs, {"name": "中文", "user_id": 7}) == "user 7"
-    assert report_mod._label(glyphs, {"name": "?", "user_id": 7}) == "?"  # as given
+    assert report_png._label(glyphs, {"name": "José", "user_id": 7}) == "Jose"
+    assert report_png._label(glyphs, {"name": "中文", "user_id": 7}) == "user 7"
+    assert report_png._label(glyphs, {"name": "?", "user_id": 7}) == "?"  # as given
 
 
 def test_an_unreadable_mixdown_falls_back_to_the_members(
@@ -543,5 +544,5 @@ def test_an_unreadable_mixdown_falls_back_to_the_members(
     with caplog.at_level(logging.WARNING, logger="listening_core.report"):
         path = render_timeline(report, tmp_path / "t.png", mixdown=bad)
     assert "cannot read the mixdown" in caplog.text
-    layout = report_mod._layout(2, END, 1600)
-    check_lane(Image.open(path), layout, 2, report_mod._MIX_COLOR, BURSTS[BOB] + BURSTS[ALICE])
+    layout = report_png._layout(2, END, 1600)
+    check_lane(Image.open(path), layout, 2, report_png._MIX_COLOR, BURSTS[BOB] + BURSTS[ALICE])
