@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import os
@@ -32,6 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from .doctor import _is_root, check_bot, check_libopus, check_pillow, check_sinks, run_checks
+from .opus import LibopusNotFound, load_libopus
 
 __all__ = ["DEMO_SINKS", "Check", "main", "preflight", "run_demo", "verify"]
 
@@ -68,14 +72,7 @@ class Check:
 # ------------------------------------------------------------------------------------ preflight
 
 
-def _is_root() -> bool:
-    geteuid = getattr(os, "geteuid", None)
-    return geteuid is not None and geteuid() == 0
-
-
 def _have_libopus() -> bool:
-    from .opus import LibopusNotFound, load_libopus
-
     try:
         load_libopus()
     except LibopusNotFound:
@@ -95,6 +92,13 @@ def _install_libopus(out: IO[str]) -> bool:
     return _have_libopus()
 
 
+def _libopus_or_install(out: IO[str]) -> None:
+    """The demo's libopus loader for :func:`~listening_core.doctor.check_libopus`: installs it
+    where it can (:func:`_install_libopus`)."""
+    if not (_have_libopus() or _install_libopus(out)):
+        raise LibopusNotFound("libopus (the Opus codec) was not found")
+
+
 def find_bot(explicit: str | None = None) -> Path | None:
     """``examples/record_bot.py``: ``explicit``, else under the current directory, else in the
     checkout this package was installed from (editable installs)."""
@@ -108,54 +112,19 @@ def find_bot(explicit: str | None = None) -> Path | None:
 
 
 def preflight(bot: Path | None, out: IO[str]) -> list[Check]:
-    """Check (and where possible fix) what the demo needs: libopus, the six sinks, Pillow, the bot."""
-    checks = []
-    if _have_libopus() or _install_libopus(out):
-        checks.append(Check("libopus", True))
-    else:
-        from .cli import _libopus_install_command
+    """Check (and where possible fix) what the demo needs: libopus, the six sinks, Pillow, the bot.
 
-        checks.append(
-            Check("libopus", False, "libopus (the Opus codec) was not found", _libopus_install_command())
-        )
-    from .plugins import KNOWN_DISTRIBUTIONS, default_registry
-
-    installed = set(default_registry().names())
-    missing = [name for name in DEMO_SINKS if name not in installed]
-    if missing:
-        here = Path(__file__).resolve().parent.parent / "plugins"
-        dists = [KNOWN_DISTRIBUTIONS[name] for name in missing]
-        local = [here / dist for dist in dists]
-        fix = (
-            "pip install " + " ".join(str(p) for p in local)
-            if all(p.is_dir() for p in local)
-            else "pip install " + " ".join(dists)
-        )
-        checks.append(
-            Check("sinks", False, f"not installed: {', '.join(missing)}", fix + "  (or: make demo)")
-        )
-    else:
-        checks.append(Check("sinks", True))
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
-        checks.append(
-            Check("pillow", False, "Pillow draws timeline.png", "pip install 'listening-core[report]'")
-        )
-    else:
-        checks.append(Check("pillow", True))
-    if bot is None or not bot.is_file():
-        checks.append(
-            Check(
-                "bot",
-                False,
-                f"the example bot was not found ({bot or 'examples/record_bot.py'})",
-                "run the demo from a checkout of listening-core, or pass --bot PATH/record_bot.py",
-            )
-        )
-    else:
-        checks.append(Check("bot", True, str(bot)))
-    return checks
+    The checks are :mod:`listening_core.doctor`'s (libopus is checked as ``listening doctor`` does).
+    """
+    results = run_checks(
+        [
+            functools.partial(check_libopus, load=functools.partial(_libopus_or_install, out)),
+            functools.partial(check_sinks, DEMO_SINKS, hint="  (or: make demo)"),
+            check_pillow,
+            functools.partial(check_bot, bot),
+        ]
+    )
+    return [Check(result.name.lower(), result.ok, result.found, result.fix) for result in results]
 
 
 # ------------------------------------------------------------------------------------ progress

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 import listening_core
-from listening_core import cli, opus
+from listening_core import cli, doctor, opus
 from listening_core.cli import CheckResult, check_libopus, check_plugins, main
 from listening_core.errors import _pip_install, _requirement
 from listening_core.hookspecs import ENTRY_POINT_GROUP, SinkSpec, hookimpl
@@ -389,7 +389,7 @@ def test_doctor_libopus_missing_injected(
     assert status_of(out, "always")[0] == "ok"
     assert status_of(out, "libopus") == ("missing", "could not load libopus from 'libopus.so.0' (not found)")
     fix = fix_of(out, "libopus")
-    assert fix == cli._libopus_install_command()
+    assert fix == doctor._libopus_install_command()
     if shutil.which("apt-get"):
         assert fix.endswith("apt-get install libopus0")
 
@@ -578,7 +578,7 @@ def test_libopus_missing_at_runtime_names_the_fix() -> None:
     # doctor says the same, with this system's command
     [result] = check_libopus()
     assert result.status == "missing" and "libopus-not-installed.so.0" in result.found
-    assert result.fix == cli._libopus_install_command()
+    assert result.fix == doctor._libopus_install_command()
 
 
 @pytest.mark.usefixtures("no_libopus")
