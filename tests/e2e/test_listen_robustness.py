@@ -828,12 +828,12 @@ async def test_playback_keeps_working_while_listening() -> None:
             listener_channel = listener_client.get_channel(local.world.voice_channel_id)
             assert isinstance(player_channel, discord.VoiceChannel)
             assert isinstance(listener_channel, discord.VoiceChannel)
+            # alone, the player has no DAVE group (as on Discord); the listener's join creates it
             player_vc = await asyncio.wait_for(player_channel.connect(), 20)
-            await wait_dave_ready(player_vc)
             listener_vc = await asyncio.wait_for(listener_channel.connect(cls=VoiceClient), 20)
             assert isinstance(listener_vc, VoiceClient)
-            await wait_dave_ready(listener_vc, epoch=2)
-            await wait_dave_ready(player_vc, epoch=2)
+            await wait_dave_ready(listener_vc, epoch=1)
+            await wait_dave_ready(player_vc, epoch=1)
             await asyncio.sleep(0.3)
             assert player_client.user is not None and listener_client.user is not None
             player_id, listener_id = player_client.user.id, listener_client.user.id

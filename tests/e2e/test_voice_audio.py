@@ -16,7 +16,7 @@ from listening_core.testing import FaultConfig, LocalDiscord, Schedule
 from listening_core.testing.clients import close_client, connect_client
 from listening_core.testing.media import SILENCE_FRAME, OpusEncoder, load_pcm
 
-from .helpers import BothModesVoiceClient, Listener, wait_dave_ready
+from .helpers import BothModesVoiceClient, Listener, wait_dave_ready, wait_for
 
 MODES = ["aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"]
 
@@ -39,16 +39,20 @@ async def test_virtual_member_frames_arrive_exactly(mode: str, path: str) -> Non
         client, vc = await _join(local)
         try:
             assert vc._connection.mode == mode
-            await wait_dave_ready(vc)
-            if path == "commits":
-                await alice.join()  # the bot is the group's only member and commits alice's Add
-            await wait_dave_ready(vc, epoch=2 if path == "commits" else 1)
             group = local.calls[local.world.voice_channel_id].dave
+            assert client.user is not None
+            bot_id = client.user.id
+            if path == "commits":
+                # the bot is alone: pending, with no group (as on Discord); alice's join creates the
+                # group from both key packages, each gets the other's Add and alice (in-process)
+                # commits first, so the bot is welcomed into the group at its creation
+                await wait_for(lambda: group.joined == {bot_id})
+                await alice.join()
+            await wait_dave_ready(vc, epoch=1)
             committers = {t.committer for t in group.transitions}
-            if path == "welcomed":
-                assert committers == {alice.user_id}
-            else:
-                assert client.user is not None and client.user.id in committers
+            assert committers == {alice.user_id}
+            creation = group.transitions[0]  # a new group starts at once: transition id 0
+            assert creation.epoch == 1 and creation.transition_id == 0 and bot_id in creation.added
 
             listener = Listener(vc, {alice.ssrc: alice.user_id})
             await alice.speak(Schedule.from_clips([("alice", 0.0), ("bob", 3.2)]))
@@ -102,22 +106,25 @@ async def test_epoch_changes_mid_stream_lose_nothing(mode: str) -> None:
 @pytest.mark.parametrize("path", ["welcomed", "commits"])
 async def test_real_discord_py_client_playing_a_clip(mode: str, path: str) -> None:
     async with LocalDiscord(modes=(mode,)) as local:
-        # "commits": the listener is first, so it creates the group and commits the player's Add;
-        # "welcomed": the player is first and the listener is brought in by the player's commit.
+        # "commits": the listener joins first; "welcomed": the player does.  Alone, the first has no
+        # group (as on Discord); the second's join creates it from both key packages, each client gets
+        # the other's Add, and whichever commits first brings the other in (epoch 1).
         first, second = ("listener", "player") if path == "commits" else ("player", "listener")
         joined = {}
         for name in (first, second):
             joined[name] = await _join(local, name)
-            await wait_dave_ready(joined[name][1])
         (client, vc), (player_client, player_vc) = joined["listener"], joined["player"]
         try:
-            await wait_dave_ready(vc, epoch=3)
-            await wait_dave_ready(player_vc, epoch=3)
+            await wait_dave_ready(vc, epoch=1)
+            await wait_dave_ready(player_vc, epoch=1)
             call = local.calls[local.world.voice_channel_id]
             player_user, listener_user = player_client.user, client.user
             assert player_user is not None and listener_user is not None
-            committer = call.dave.transitions[-1].committer
-            assert committer == (listener_user.id if path == "commits" else player_user.id)
+            creation = call.dave.transitions[0]
+            users = {listener_user.id, player_user.id}
+            assert creation.epoch == 1 and creation.committer in users
+            assert set(creation.added) == users - {creation.committer}
+            assert call.dave.members == users
             player_ssrc = call.sessions[player_user.id].ssrc
             listener = Listener(vc, {player_ssrc: player_user.id})
 
