@@ -313,12 +313,16 @@ def versions() -> dict[str, Any]:
         "discord-ext-voice-recv": None,
         "aiohttp": aiohttp.__version__,
     }
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        out["discord-ext-voice-recv"] = version("discord-ext-voice-recv")
-        out["PyNaCl"] = version("PyNaCl")
-    except Exception:
+    # Each looked up on its own: PyNaCl missing once took voice-recv's version down with it (to
+    # the module's __version__, which 0.5.x does not have: None).
+    for dist in ("discord-ext-voice-recv", "PyNaCl"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    if out["discord-ext-voice-recv"] is None:
         out["discord-ext-voice-recv"] = getattr(voice_recv, "__version__", None)
     try:
         if not discord.opus.is_loaded():
