@@ -1,6 +1,7 @@
 """The receiving side of a benchmark run: a discord.py bot listening with listening-core.
 
-``python bench/bot.py --address FILE --channel ID --sink wav|ogg-opus --output DIR`` logs in to
+``python bench/bot.py --address FILE --channel ID --sink wav|ogg-opus --output DIR
+[--sink-options JSON]`` logs in to
 the loopback Discord (``FILE`` from ``LoopbackAddress.save``), joins the voice channel with
 ``listening_core.VoiceClient`` and listens with the sink (plus a probe that times each frame from
 its datagram's arrival to ``on_audio``). It prints ``READY <udp port>`` and then obeys stdin:
@@ -188,7 +189,7 @@ async def run(args: argparse.Namespace) -> int:
     probe = Probe()
     options: dict[str, Any] = {}
     if args.sink != "none":
-        options[args.sink] = {"directory": str(args.output)}
+        options[args.sink] = {"directory": str(args.output), **json.loads(args.sink_options)}
     sinks: list[Any] = [args.sink, probe] if args.sink != "none" else [probe]
     finished = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -229,6 +230,11 @@ def main() -> int:
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--sink", default="wav")
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument(
+        "--sink-options",
+        default="{}",
+        help='JSON: the sink\'s options besides directory, e.g. {"sample_rate": 16000}',
+    )
     parser.add_argument("--workers", type=int, default=None)
     return asyncio.run(run(parser.parse_args()))
 
