@@ -5,14 +5,21 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from listening_core.sinks import AudioFrame, AudioHandlingSink, SessionInfo, SinkError, safe_filename
+from listening_core.sinks import (
+    SPEAKER_PLACEHOLDERS,
+    AudioFrame,
+    AudioHandlingSink,
+    FileNamer,
+    SessionInfo,
+    SinkError,
+    check_template,
+)
 
 from .ogg import GAPS, OggOpusWriter
 
@@ -21,7 +28,6 @@ __all__ = ["OggOpusOptions", "OggOpusSink"]
 _log = logging.getLogger(__name__)
 
 VERSION = "0.1.0.dev0"
-_TEMPLATE_KEYS = {"user": "name", "user_id": 1, "guild_id": 2, "channel_id": 3}
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,8 @@ class OggOpusOptions:
     template: str = field(
         default="{user}",
         metadata={
-            "help": "file name without '.opus': {user} (display name), {user_id}, {guild_id}, {channel_id}"
+            "help": "file name without '.opus': {user} (display name), {user_id}, {guild_id}, {channel_id}, "
+            "{started}; made safe, never overwrites a file (-2, -3… instead)"
         },
     )
     flush_interval: float = field(
@@ -55,13 +62,7 @@ class OggOpusOptions:
             raise ValueError(f"flush_interval must be in (0, 60] seconds, got {self.flush_interval}")
         if self.gaps not in GAPS:
             raise ValueError(f"gaps must be one of {', '.join(map(repr, GAPS))}, got {self.gaps!r}")
-        try:
-            self.template.format(**_TEMPLATE_KEYS)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"template {self.template!r} is invalid ({type(exc).__name__}: {exc}); "
-                "use {user}, {user_id}, {guild_id} and {channel_id}"
-            ) from None
+        check_template(self.template, SPEAKER_PLACEHOLDERS)
 
 
 @dataclass(eq=False)
@@ -106,7 +107,7 @@ class OggOpusSink(AudioHandlingSink):
         self.directory.mkdir(parents=True, exist_ok=True)
         self.tracks: dict[int, _Track] = {}
         self.session: SessionInfo | None = None
-        self._names: set[str] = set()
+        self._namer = FileNamer(self.directory, options.template, self.extension)
         self._end = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -192,24 +193,9 @@ class OggOpusSink(AudioHandlingSink):
     # -- internals
 
     def file_name(self, frame: AudioFrame) -> str:
-        """The (unique within this session, safe) file name of ``frame``'s speaker."""
-        user = frame.member.display_name if frame.member is not None else str(frame.user_id)
-        session = self.session
-        raw = self.options.template.format(
-            user=user,
-            user_id=frame.user_id,
-            guild_id=session.guild_id if session and session.guild_id is not None else "",
-            channel_id=session.channel_id if session and session.channel_id is not None else "",
-        )
-        base = safe_filename(raw, fallback=str(frame.user_id))
-        name, n = base, 1
-        # Never over an existing file (or through a link planted in the directory): an earlier
-        # session in the same directory, or another one running now, would lose its recording.
-        while name.lower() in self._names or os.path.lexists(self.directory / (name + self.extension)):
-            n += 1
-            name = f"{base}-{n}"
-        self._names.add(name.lower())
-        return name + self.extension
+        """The (unique, safe) file name of ``frame``'s speaker: the core's :class:`FileNamer`, so never
+        over an existing file (or through a link planted in the directory)."""
+        return self._namer.for_speaker(frame, self.session)
 
     def _open(self, frame: AudioFrame) -> _Track:
         path = self.directory / self.file_name(frame)
