@@ -973,9 +973,9 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 f"idle listening sessions ({idle['sessions']}): CPU per session, each alone in a silent call",
-                f"listening's own {idle['own_pct_per_session']:.3f} % of a core "
-                f"(listening {idle['listening_pct_per_session']:.3f} %, "
-                f"connected only {idle['connected_pct_per_session']:.3f} %)",
+                f"listening's own {_pct(idle['own_pct_per_session'])} % of a core "
+                f"(listening {_pct(idle['listening_pct_per_session'])} %, "
+                f"connected only {_pct(idle['connected_pct_per_session'])} %)",
                 f"≤ {IDLE_TARGET_PCT} % of a core",
                 verdict(idle["own_pct_per_session"], "≤", IDLE_TARGET_PCT, " %"),
             )
@@ -1025,6 +1025,12 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             (f"DAVE's extra cost, {dc['speakers']} speakers", f"{dc['extra_us_per_frame']} µs/frame", "", "")
         )
     return rows
+
+
+def _pct(value: float) -> str:
+    """A percentage to 3 decimals; a difference lost in the noise is 0.000, not -0.000."""
+    text = f"{value:.3f}"
+    return "0.000" if text == "-0.000" else text
 
 
 def _cell(text: str) -> str:

@@ -342,6 +342,8 @@ def test_a_partial_run_says_what_it_did_not_measure() -> None:
     for what in ("pipeline cost, 10 speakers", "capacity, ogg-opus", "latency, arrival to on_audio, 300"):
         assert "not measured in this run" in _row(text, what)
     assert "listening's own 0.030 %" in _row(text, "idle listening sessions")
+    partial["idle"] = full["idle"] | {"own_pct_per_session": -0.0002, "listening_pct_per_session": 0.0148}
+    assert "listening's own 0.000 % of a core (listening 0.015 %" in _row(markdown(partial), "idle listening")
 
 
 def test_only_names_known_parts() -> None:
