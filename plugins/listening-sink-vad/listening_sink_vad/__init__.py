@@ -47,11 +47,14 @@ import numpy as np
 
 from listening_core.hookspecs import SinkSpec, hookimpl
 from listening_core.sinks import (
+    SPEAKER_PLACEHOLDERS,
     AudioFile,
     AudioFrame,
     AudioHandlingSink,
+    FileNamer,
     SessionInfo,
     SinkError,
+    check_template,
     recover_file,
     safe_filename,
 )
@@ -67,14 +70,8 @@ RATE = 48_000
 # reported speech end is moved back by it; the short one applies to bursts under 6 frames.
 _HANGOVER_LONG = {0: {10: 14, 20: 7, 30: 5}, 2: {10: 9, 20: 5, 30: 3}}
 _HANGOVER_SHORT = {0: {10: 8, 20: 4, 30: 3}, 2: {10: 6, 20: 3, 30: 2}}
-_TEMPLATE_KEYS = {
-    "user": "alice",
-    "user_id": 1,
-    "index": 1,
-    "start_ms": 0,
-    "guild_id": 0,
-    "channel_id": 0,
-}
+# the file-name placeholders this sink fills (listening_core.sinks.PLACEHOLDERS says what each is)
+_PLACEHOLDERS = (*SPEAKER_PLACEHOLDERS, "index", "start_ms")
 
 
 @dataclass(frozen=True)
@@ -141,7 +138,7 @@ class VadOptions:
         default="{user}-{index:04d}-{start_ms}",
         metadata={
             "help": "segment file name without extension: {user}, {user_id}, {index}, {start_ms}, "
-            "{guild_id}, {channel_id}; made safe, '.wav' added; never overwrites a file (-2, -3… instead)"
+            "{guild_id}, {channel_id}, {started}; made safe, '.wav' added; never overwrites a file (-2, -3… instead)"
         },
     )
     manifest: str = field(
@@ -174,13 +171,7 @@ class VadOptions:
             raise ValueError(f"flush_interval must be between 0.02 and 60 seconds, got {self.flush_interval}")
         if not self.manifest or safe_filename(self.manifest, fallback="") != self.manifest:
             raise ValueError(f"manifest must be a plain file name, got {self.manifest!r}")
-        try:
-            self.template.format(**_TEMPLATE_KEYS)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"template {self.template!r} is not a valid template ({exc!r}); "
-                f"use {', '.join('{' + k + '}' for k in _TEMPLATE_KEYS)}"
-            ) from None
+        check_template(self.template, _PLACEHOLDERS)
 
 
 _Frame = tuple[int, np.ndarray]  # (session position, mono int16 samples)
@@ -238,7 +229,10 @@ class VadSegmentsSink(AudioHandlingSink):
         """Utterances dropped for having less than ``min_speech_ms`` of speech."""
         self.callback_errors = 0
         self._users: dict[int, _UserState] = {}
-        self._names: set[str] = set()
+        # never a segment named like the manifest
+        self._namer = FileNamer(
+            self.directory, options.template, ".wav", placeholders=_PLACEHOLDERS, reserved=(options.manifest,)
+        )
         self._session: SessionInfo | None = None
         self._manifest: Any = None
         self._failed: BaseException | None = None
@@ -398,29 +392,15 @@ class VadSegmentsSink(AudioHandlingSink):
                 self._write(utt, utt.held.popleft())
 
     def _open_segment(self, state: _UserState, utt: _Utterance) -> None:
-        session = self._session
         state.index += 1
-        raw = self.options.template.format(
+        utt.name = self._namer.take(
+            self._session,
+            fallback=f"{state.user_id}-{state.index:04d}",
             user=state.name,
             user_id=state.user_id,
             index=state.index,
             start_ms=round(utt.start * 1000 / RATE),
-            guild_id=session.guild_id if session and session.guild_id is not None else "",
-            channel_id=session.channel_id if session and session.channel_id is not None else "",
         )
-        base = safe_filename(raw, fallback=f"{state.user_id}-{state.index:04d}")
-        name, n = base, 1
-        # Never over an existing file: an earlier session in the same directory (same user,
-        # index and start) or another one running now would lose that segment.
-        while (
-            name.lower() in self._names
-            or name.lower() == self.options.manifest.lower()
-            or os.path.lexists(self.directory / (name + ".wav"))
-        ):
-            n += 1
-            name = f"{base}-{n}"
-        self._names.add(name.lower())
-        utt.name = name + ".wav"
         utt.index = state.index
         path = self.directory / utt.name
         try:
