@@ -24,7 +24,6 @@ of such a file from its length.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import pathlib
@@ -37,13 +36,17 @@ import numpy as np
 
 from listening_core.hookspecs import SinkSpec, hookimpl
 from listening_core.sinks import (
+    CHANNELS,
+    SAMPLE_RATE,
+    SESSION_PLACEHOLDERS,
     AudioFile,
     AudioFrame,
     AudioHandlingSink,
+    FileNamer,
     SessionInfo,
     SinkError,
+    check_template,
     recover_file,
-    safe_filename,
 )
 
 __all__ = ["MixdownOptions", "MixdownSink", "listening_sinks", "recover"]
@@ -51,8 +54,8 @@ __version__ = "0.1.0.dev0"
 
 _log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 48_000
-_IN_CHANNELS = 2
+_IN_CHANNELS = CHANNELS
+_STARTED_FORMAT = "%Y%m%dT%H%M%SZ"  # {started}: 20260301T120000Z, as this sink has always written it
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,7 @@ class MixdownOptions:
             raise ValueError(f"horizon_ms must be between 100 and 60000, got {self.horizon_ms}")
         if not 0.02 <= self.flush_interval <= 10:
             raise ValueError(f"flush_interval must be between 0.02 and 10 seconds, got {self.flush_interval}")
-        try:
-            self.filename.format(started="x", guild_id=0, channel_id=0)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"filename {self.filename!r} is not a valid template ({exc!r}); "
-                "use {started}, {guild_id}, {channel_id}"
-            ) from None
+        check_template(self.filename, SESSION_PLACEHOLDERS, option="filename")
 
 
 class MixdownSink(AudioHandlingSink):
@@ -144,27 +141,19 @@ class MixdownSink(AudioHandlingSink):
     def _open(self) -> AudioFile:
         if self._writer is None:
             opts = self.options
-            session = self._session
-            started = datetime.datetime.fromtimestamp(
-                session.started_at if session else datetime.datetime.now().timestamp(), datetime.UTC
-            )
-            raw = opts.filename.format(
-                started=started.strftime("%Y%m%dT%H%M%SZ"),
-                guild_id=session.guild_id if session and session.guild_id is not None else "",
-                channel_id=session.channel_id if session and session.channel_id is not None else "",
-            )
-            base = safe_filename(raw, fallback="mixdown")
-            if base.lower().endswith(".wav") and len(base) > 4:
-                base = base[:-4]
             directory = Path(opts.directory)
             directory.mkdir(parents=True, exist_ok=True)
             # Never over an existing file: two sessions started in the same second (two guilds
             # recorded into one directory) would otherwise write one file at once.
-            name, n = base, 1
-            while os.path.lexists(directory / f"{name}.wav"):
-                n += 1
-                name = f"{base}-{n}"
-            self.path = directory / f"{name}.wav"
+            namer = FileNamer(
+                directory,
+                opts.filename,
+                ".wav",
+                placeholders=SESSION_PLACEHOLDERS,
+                started_format=_STARTED_FORMAT,
+                option="filename",
+            )
+            self.path = directory / namer.take(self._session, fallback="mixdown")
             try:
                 # flushed at every block written: a block is flush_interval s of audio or more
                 self._writer = AudioFile(
