@@ -34,17 +34,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .errors import ListeningError
+    from .frames import AudioFrame, FrameKind, RtcpPacket
     from .pool import AudioProcessPool
     from .receiver import AudioReceiver, ListenOptions, UserStats
-    from .sinks import (
-        AudioFile,
-        AudioFileSink,
-        AudioFrame,
-        AudioHandlingSink,
-        AudioSink,
-        FrameKind,
-        RtcpPacket,
-    )
+    from .sinks import AudioFile, AudioFileSink, AudioHandlingSink, AudioSink
     from .unpacker import AudioUnpacker
     from .voice_client import ListeningInterrupted, VoiceClient
 
@@ -52,17 +45,17 @@ if TYPE_CHECKING:
 _LAZY = {
     "AudioFile": ".sinks",
     "AudioFileSink": ".sinks",
-    "AudioFrame": ".sinks",
+    "AudioFrame": ".frames",
     "AudioHandlingSink": ".sinks",
     "AudioProcessPool": ".pool",
     "AudioReceiver": ".receiver",
     "AudioSink": ".sinks",
     "AudioUnpacker": ".unpacker",
-    "FrameKind": ".sinks",
+    "FrameKind": ".frames",
     "ListenOptions": ".receiver",
     "ListeningError": ".errors",
     "ListeningInterrupted": ".voice_client",
-    "RtcpPacket": ".sinks",
+    "RtcpPacket": ".frames",
     "UserStats": ".receiver",
     "VoiceClient": ".voice_client",
 }
