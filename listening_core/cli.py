@@ -50,14 +50,8 @@ from .doctor import (
     run_checks,
 )
 from .hookspecs import SinkSpec
-from .plugins import (
-    KNOWN_DISTRIBUTIONS,
-    OptionInfo,
-    PluginError,
-    SinkRegistry,
-    describe,
-    format_default,
-)
+from .options import OptionInfo, describe, format_default
+from .plugins import KNOWN_DISTRIBUTIONS, PluginError, SinkRegistry
 
 __all__ = [
     "Check",
