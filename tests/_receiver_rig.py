@@ -1,30 +1,25 @@
-"""A listening session fed datagrams directly, on a simulated clock (no sockets, no loopback).
+"""A listening session fed datagrams directly, on times the test chooses (no sockets, no threads).
 
-What ``tests/test_padding_probe.py`` and ``tests/test_long_session_wrap.py`` share: a real
-:class:`~listening_core.receiver.AudioReceiver` with a real transport key (either AEAD mode) and
-a real DAVE group (the bot and two members, formed the way the voice gateway forms it), fed
-through the socket listener discord.py's reader thread calls. The receiver's ``time`` is a
-:class:`SimTime` the test sets, so hours of a call pass in a moment and every arrival is exact:
-a frame that arrives on time belongs at ``clock.sample_at(arrival)``, to the sample.
+What ``tests/test_padding_probe.py`` and ``tests/test_long_session_wrap.py`` share: the session's
+pure core, a :class:`~listening_core.session.ReceiveSession`, with a real transport key (either
+AEAD mode) and a real DAVE group (the bot and two members, formed the way the voice gateway forms
+it), fed datagram by datagram with the moment each arrived. Hours of a call pass in a moment and
+every arrival is exact: a frame that arrives on time belongs at ``clock.sample_at(arrival)``, to
+the sample. What the session hands out goes to the sink in order, as the receiver's shell does.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
-import pytest
-
-import listening_core.receiver as receiver_module
-from listening_core import VoiceClient
-from listening_core.crypto import transport_cipher
-from listening_core.receiver import AudioReceiver, ListenOptions
+from listening_core.crypto import dave_decrypt, transport_cipher
+from listening_core.receiver import ListenOptions
 from listening_core.rtp import RtpHeader
+from listening_core.session import ReceiveSession
 from listening_core.sinks import SAMPLE_RATE, AudioFrame, AudioSink, RtcpPacket
+from listening_core.ssrc_map import SsrcMap
 from listening_core.testing.dave_client import ClientMessage, DaveClient
 from listening_core.testing.dave_group import DaveGroup, Outgoing
 
@@ -35,21 +30,14 @@ SESSION_START = 5000.0  # the simulated monotonic time the session starts at
 STEP = 960  # RTP timestamp units (48 kHz samples) per 20 ms frame
 
 
-class SimTime:
-    """Stands in for the receiver module's ``time``; :attr:`now` is the simulated monotonic clock."""
+class Dave:
+    """Opens DAVE frames with the bot's session of the group (DAVE protocol version 1)."""
 
-    def __init__(self, start: float) -> None:
-        self.now = start
+    def __init__(self, session: Any) -> None:
+        self.session = session
 
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return time.time()
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        time.sleep(min(seconds, 0.001))
+    def decrypt(self, user_id: int, payload: bytes) -> bytes:
+        return dave_decrypt(self.session, user_id, payload, protocol_version=1)
 
 
 def _client(user_id: int) -> DaveClient:
@@ -107,63 +95,42 @@ class KeepingSink(AudioSink):
 
 
 class Session:
-    """A listening session on a :class:`SimTime`, fed datagram by datagram."""
+    """A listening session's core on times the test chooses, fed datagram by datagram."""
 
-    def __init__(self, mode: str, monkeypatch: pytest.MonkeyPatch, *, counter: int = 0) -> None:
-        self.clock = SimTime(SESSION_START)
-        monkeypatch.setattr(receiver_module, "time", self.clock)
+    def __init__(self, mode: str, *, counter: int = 0) -> None:
         key = bytes(range(7, 39))
         self.cipher = transport_cipher(mode, key)
         self.clients = dave_group()
         self.counter = counter  # the transport nonce counter of the next packet (it wraps at 2**32)
         self.events: list[tuple[str, int]] = []
-        self.listeners: list[Any] = []
         self.key = key
         self.mode = mode
         self.sink = KeepingSink()
-        self.after: list[BaseException | None] = []
+        self.ssrcs = SsrcMap()
+        self.now = SESSION_START
 
     async def start(self, mapped: dict[int, int], options: ListenOptions | None = None) -> None:
-        vc = VoiceClient.__new__(VoiceClient)
-        vc._init_listening()  # everything VoiceClient.__init__ sets but discord.py's part
-        vc.loop = asyncio.get_running_loop()
-        vc.channel = SimpleNamespace(id=CHANNEL, guild=None)  # type: ignore[assignment]
-
-        def dispatch(event: str, who: Any, _vc: Any) -> None:
-            self.events.append((event, who.id))
-
-        vc.client = SimpleNamespace(dispatch=dispatch, get_user=lambda uid: None)  # type: ignore[assignment]
-        vc._connection = SimpleNamespace(  # type: ignore[assignment]
-            mode=self.mode,
-            secret_key=list(self.key),
-            dave_session=self.clients[BOT].session,
-            dave_protocol_version=1,
-            dave_downgraded=False,
-            socket=None,
-            add_socket_listener=self.listeners.append,
-        )
         for ssrc, user_id in mapped.items():
-            await self.announce(ssrc, user_id, vc)
-        receiver = AudioReceiver(
-            vc, self.sink, pool=None, after=lambda _, error: self.after.append(error), options=options
+            await self.announce(ssrc, user_id)
+        self.options = options or ListenOptions()
+        self.receiver = ReceiveSession(
+            self.options,
+            SESSION_START,
+            self.ssrcs,
+            Dave(self.clients[BOT].session),
+            transport=transport_cipher(self.mode, self.key),
         )
-        vc._receiver = receiver
-        receiver.start()
-        self.vc, self.receiver = vc, receiver
-        assert self.listeners == [vc._on_datagram]
 
-    async def announce(self, ssrc: int, user_id: int, vc: VoiceClient | None = None) -> None:
+    async def announce(self, ssrc: int, user_id: int) -> None:
         """Op 5: the voice gateway maps ``ssrc`` to ``user_id``."""
-        await (vc or self.vc)._websocket_hook(
-            None, {"op": 5, "d": {"ssrc": ssrc, "user_id": user_id, "speaking": 1}}
-        )
+        self.ssrcs.map(ssrc, user_id)
 
     def sample(self, t: float) -> int:
-        """The session sample of simulated time ``t``."""
+        """The session sample of time ``t``."""
         return round((t - SESSION_START) * SAMPLE_RATE)
 
     def at(self, position: int) -> float:
-        """The simulated time at which session sample ``position`` is now."""
+        """The time at which session sample ``position`` is now."""
         return SESSION_START + position / SAMPLE_RATE
 
     def packet(
@@ -190,19 +157,33 @@ class Session:
         )
 
     def feed(self, t: float, datagram: bytes) -> None:
-        """``datagram`` arrives at simulated time ``t``; the receiver's thread ticks then too."""
-        self.clock.now = max(self.clock.now, t)
-        self.listeners[0](datagram)
-        self.receiver._tick(self.clock.now)
+        """``datagram`` arrives at time ``t``; the session's deadlines are looked at then too."""
+        self.now = max(self.now, t)
+        self.receiver.datagram(datagram, self.now)
+        self.receiver.tick(self.now)
+        self._hand_out()
 
     def tick(self, t: float) -> None:
-        self.clock.now = max(self.clock.now, t)
-        self.receiver._tick(self.clock.now)
+        self.now = max(self.now, t)
+        self.receiver.tick(self.now)
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        events = self.receiver.drain()
+        for user_id, speaking in events.speaking:
+            self.events.append(
+                ("listening_speaking_start" if speaking else "listening_speaking_stop", user_id)
+            )
+        for frame, _ in events.frames:
+            self.sink.on_audio(frame)
 
     async def stop(self) -> None:
-        self.vc.stop_listening()
-        await self.vc.wait_for_listen_ready(timeout=60)
-        assert self.after == [None] and self.receiver.error is None and self.sink.stopped
+        """The session ends (after the receiver's stop grace): everything held is handed out."""
+        self.now += self.options.stop_grace
+        self.receiver.finish(self.now)
+        self._hand_out()
+        self.sink.on_stop(self.receiver.clock.sample_at(self.now))
+        assert self.sink.stopped
 
 
 def opus_of(n: int) -> bytes:

@@ -1,8 +1,8 @@
 """The receiver under a fuzz run: a million hostile datagrams while a member speaks.
 
 What a bot's voice socket can receive from a hostile network is fed, one datagram at a time,
-through the socket listener a listening session registers with discord.py (the callback its
-reader thread calls), into a real :class:`~listening_core.receiver.AudioReceiver` with a real
+with the moment it arrived, into the pure core of a listening session (a real
+:class:`~listening_core.session.ReceiveSession`, what the receiver's thread runs) with a real
 transport key (each test runs in both AEAD modes) and a real DAVE group: random bytes; genuine
 packets truncated, lengthened, with bits flipped, a bad tag or counter, header-extension lengths
 that lie; packets sealed with the right key whose extension length or padding lies; RTCP
@@ -12,18 +12,19 @@ and frames of a mapped member, Mallory, whose DAVE trailer has a bad size or mag
 is mangled (his stream also loses and reorders frames). Between them, at the same time, Alice
 speaks in talk spurts.
 
-Time is simulated: the receiver's clock is driven by the run (its own thread still ticks, on
-that clock), so a million datagrams cover about seventeen minutes of a call in well under a
-minute, and the outcome is the same on a loaded machine as on an idle one.
+Time is the run's: each datagram is handed over with its arrival time, and the session's
+deadlines are looked at whenever they are due (as the receiver's shell does), so a million
+datagrams cover about seventeen minutes of a call in well under a minute, and the outcome is the
+same on a loaded machine as on an idle one.
 
-The run asserts, datagram by datagram where the outcome is immediate and in total at the end:
-no exception escapes (the reader callback, the receiver's thread and its error paths stay
-quiet, the session ends normally); every bad datagram is counted once, under the reason the wire
-description gives it (``docs/voice-protocol.md``), against the user whose SSRC it carries, and
-each kind of drop is logged at WARNING the first time; memory stays bounded (every structure
-the receiver keeps within its cap, checked throughout, and no growth in the allocator's blocks
-once the run is under way); and Alice's audio is intact: every frame she sent is delivered
-exactly once, in order, with its payload, at the session sample she sent it at.
+The run asserts, datagram by datagram where the outcome is immediate and in total at the end: no
+exception escapes (the session and its error paths stay quiet, the session ends normally); every
+bad datagram is counted once, under the reason the wire description gives it (``docs/voice-
+protocol.md``), against the user whose SSRC it carries, and each kind of drop is logged at
+WARNING the first time; memory stays bounded (every structure the receiver keeps within its cap,
+checked throughout, and no growth in the allocator's blocks once the run is under way); and
+Alice's audio is intact: every frame she sent is delivered exactly once, in order, with its
+payload, at the session sample she sent it at.
 
 ``LISTENING_FUZZ_DATAGRAMS`` sets the number of hostile datagrams per run (default 10**6) and
 ``LISTENING_FUZZ_SEED`` the seed; a failure names the datagram (hex), its kind and its index.
@@ -41,21 +42,19 @@ import random
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import nacl.bindings
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-import listening_core.receiver as receiver_module
-from listening_core import VoiceClient
-from listening_core.crypto import OPUS_SILENCE, SUPPORTED_MODES, transport_cipher
-from listening_core.receiver import _MAX_UNMAPPED, AudioReceiver, ListenOptions
+from listening_core.crypto import OPUS_SILENCE, SUPPORTED_MODES, dave_decrypt, transport_cipher
 from listening_core.rtp import RtcpHeader, RtpHeader, build_extension_body, seq_diff
+from listening_core.session import MAX_UNMAPPED, ListenOptions, ReceiveSession
 from listening_core.sinks import SAMPLE_RATE, AudioFrame, AudioSink, FrameKind, RtcpPacket
+from listening_core.ssrc_map import SsrcMap
 from listening_core.testing.dave_client import ClientMessage, DaveClient
 from listening_core.testing.dave_group import DaveGroup, Outgoing
 
@@ -78,30 +77,6 @@ BAD_PER_SLOT = 20  # hostile datagrams per 20 ms of call, on average
 OPTIONS = ListenOptions(unmapped_hold=5.0)
 TS0 = 2**32 - 40 * STEP  # Alice's RTP timestamps wrap early in the run
 SEQ0 = 65535 - 30  # and so do her sequence numbers
-
-
-# -- the simulated clock --------------------------------------------------------------------------
-
-
-class SimTime:
-    """Stands in for the receiver module's ``time``: :meth:`monotonic` is the simulated clock.
-
-    The run sets :attr:`now`; the receiver's thread reads it on each (real) tick. ``sleep``
-    advances it too, so the receiver's stop grace period passes in simulated time.
-    """
-
-    def __init__(self, start: float) -> None:
-        self.now = start
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return time.time()
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        time.sleep(min(seconds, 0.001))
 
 
 # -- a DAVE group of three: the bot, Alice and Mallory --------------------------------------------
@@ -135,28 +110,14 @@ def _dave_group() -> dict[int, DaveClient]:
 # -- the voice client and the sink ----------------------------------------------------------------
 
 
-def _voice_client(mode: str, key: bytes, dave: DaveClient, loop: Any) -> tuple[VoiceClient, list[Any]]:
-    """A :class:`VoiceClient` as discord.py leaves it once connected, minus the sockets.
+class Dave:
+    """Opens DAVE frames with the bot's session of the group (DAVE protocol version 1)."""
 
-    Returns it and the list the socket listeners it registers land in (what discord.py's reader
-    thread calls with each datagram).
-    """
-    listeners: list[Any] = []
-    vc = VoiceClient.__new__(VoiceClient)
-    vc._init_listening()  # everything VoiceClient.__init__ sets but discord.py's part
-    vc.loop = loop
-    vc.channel = SimpleNamespace(id=CHANNEL, guild=None)  # type: ignore[assignment]
-    vc.client = SimpleNamespace(dispatch=lambda *args: None, get_user=lambda uid: None)  # type: ignore[assignment]
-    vc._connection = SimpleNamespace(  # type: ignore[assignment]
-        mode=mode,
-        secret_key=list(key),
-        dave_session=dave.session,
-        dave_protocol_version=1,
-        dave_downgraded=False,
-        socket=None,
-        add_socket_listener=listeners.append,
-    )
-    return vc, listeners
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def decrypt(self, user_id: int, payload: bytes) -> bytes:
+        return dave_decrypt(self.session, user_id, payload, protocol_version=1)
 
 
 @dataclass
@@ -563,31 +524,13 @@ def alice_talks(rng: random.Random) -> Iterator[bytes | None]:
 # -- what the receiver holds ------------------------------------------------------------------------
 
 
-def _sizes(receiver: AudioReceiver) -> dict[str, int]:
-    """The sizes of what the receiver keeps, by structure (taken under its lock)."""
-    with receiver._lock:
-        streams = list(receiver._streams.values())
-        return {
-            "unmapped SSRCs": len(receiver._unmapped),
-            "held per unmapped SSRC": max((len(q) for q in receiver._unmapped.values()), default=0),
-            "not-audio SSRCs": len(receiver._not_audio_unmapped),
-            "streams": len(streams),
-            "jitter held": max((s.jitter.held for s in streams), default=0),
-            "DAVE pending": max((len(s.pending) for s in streams), default=0),
-            "DAVE opened ahead": max((len(s.opened) for s in streams), default=0),
-            "warnings given": len(receiver._warned),
-            "drop reasons": len(receiver.unattributed) + sum(len(s.dropped) for s in receiver.stats.values()),
-            "users": len(receiver.stats),
-        }
-
-
 def _over_cap(sizes: dict[str, int]) -> list[str]:
     """The structures beyond their documented caps."""
     per_stream = OPTIONS.max_held_per_stream
     caps = {
-        "unmapped SSRCs": _MAX_UNMAPPED,
+        "unmapped SSRCs": MAX_UNMAPPED,
         "held per unmapped SSRC": per_stream,
-        "not-audio SSRCs": _MAX_UNMAPPED,
+        "not-audio SSRCs": MAX_UNMAPPED,
         "streams": len(MAPPED),
         "jitter held": 512,  # JitterBuffer's max_packets
         "DAVE pending": per_stream,
@@ -611,11 +554,8 @@ def _change(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     }
 
 
-def _allocated_blocks(receiver: AudioReceiver) -> int:
-    """The allocator's blocks in use once the sink has caught up (frames in flight excluded)."""
-    deadline = time.monotonic() + 30
-    while not receiver._delivery.empty() and time.monotonic() < deadline:
-        time.sleep(0.01)
+def _allocated_blocks() -> int:
+    """The allocator's blocks in use (what was delivered is with the sink already)."""
     gc.collect()
     return sys.getallocatedblocks()
 
@@ -625,48 +565,63 @@ def _allocated_blocks(receiver: AudioReceiver) -> int:
 
 @dataclass
 class Session:
-    """A listening session on :class:`SimTime`, fed through discord.py's socket listener."""
+    """A listening session's core, fed datagram by datagram with their arrival times."""
 
-    clock: SimTime
-    vc: VoiceClient
-    receiver: AudioReceiver
+    receiver: ReceiveSession
     sink: CheckingSink
-    on_datagram: Callable[[bytes], None]
     fuzzer: Fuzzer
-    after: list[BaseException | None]
+    now: float = SESSION_START
+
+    def on_datagram(self, data: bytes) -> None:
+        """One datagram arrives at :attr:`now`; what is due then is released, and handed out."""
+        receiver = self.receiver
+        receiver.datagram(data, self.now)
+        due = receiver.next_deadline()
+        if due is not None and self.now >= due:
+            receiver.tick(self.now)
+        self._hand_out()
+
+    def tick(self, now: float) -> None:
+        self.now = max(self.now, now)
+        self.receiver.tick(self.now)
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        events = self.receiver.drain()
+        for frame, _ in events.frames:
+            self.sink.on_audio(frame)
+        for packet in events.rtcp:
+            self.sink.on_rtcp(packet)
 
     async def stop(self) -> None:
-        self.vc.stop_listening()
-        await self.vc.wait_for_listen_ready(timeout=60)
-        assert self.after == [None] and self.receiver.error is None and self.sink.stopped
-        assert not self.receiver.is_alive()
+        """The session ends (after the receiver's stop grace): everything held is handed out."""
+        self.now += OPTIONS.stop_grace
+        self.receiver.finish(self.now)
+        self._hand_out()
+        self.sink.on_stop(self.receiver.clock.sample_at(self.now))
+        assert self.sink.stopped
 
 
-async def _session(mode: str, monkeypatch: pytest.MonkeyPatch) -> Session:
-    clock = SimTime(SESSION_START)
-    monkeypatch.setattr(receiver_module, "time", clock)
+async def _session(mode: str) -> Session:
     key = random.Random(SEED).randbytes(32)
     clients = _dave_group()
-    vc, listeners = _voice_client(mode, key, clients[BOT], asyncio.get_running_loop())
+    ssrcs = SsrcMap()
     for ssrc, user_id in MAPPED.items():  # op 5, as the voice gateway announces who speaks
-        await vc._websocket_hook(None, {"op": 5, "d": {"ssrc": ssrc, "user_id": user_id, "speaking": 1}})
-    await vc._websocket_hook(
-        None, {"op": 12, "d": {"user_id": ALICE, "audio_ssrc": SSRC_ALICE, "video_ssrc": SSRC_VIDEO}}
+        ssrcs.map(ssrc, user_id)
+    ssrcs.map(SSRC_ALICE, ALICE)  # op 12: Alice's audio and video SSRCs
+    ssrcs.add_video(SSRC_VIDEO, ALICE)
+    receiver = ReceiveSession(
+        OPTIONS, SESSION_START, ssrcs, Dave(clients[BOT].session), transport=transport_cipher(mode, key)
     )
     sink = CheckingSink(collections.deque())
-    after: list[BaseException | None] = []
-    receiver = AudioReceiver(vc, sink, pool=None, after=lambda _, error: after.append(error), options=OPTIONS)
-    vc._receiver = receiver
-    receiver.start()
-    assert listeners == [vc._on_datagram]  # the listener discord.py's reader thread calls per datagram
-    return Session(clock, vc, receiver, sink, listeners[0], Fuzzer(mode, key, clients, SEED), after)
+    return Session(receiver, sink, Fuzzer(mode, key, clients, SEED))
 
 
 @pytest.mark.parametrize("mode", SUPPORTED_MODES)
-async def test_fuzz_run(mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+async def test_fuzz_run(mode: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="listening_core")
-    session = await _session(mode, monkeypatch)
-    clock, receiver, sink = session.clock, session.receiver, session.sink
+    session = await _session(mode)
+    receiver, sink = session.receiver, session.sink
     on_datagram, fuzzer = session.on_datagram, session.fuzzer
     expected = sink.expected
     largest: collections.Counter[str] = collections.Counter()
@@ -684,7 +639,7 @@ async def test_fuzz_run(mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pyte
         blocks_at: int | None = None
         while index < DATAGRAMS:
             start = SESSION_START + FIRST_SLOT + slot * SLOT
-            clock.now = start
+            session.now = start
             opus = next(talk)
             if opus is not None:
                 packet, sent = fuzzer.alice_packet(slot, opus)
@@ -693,14 +648,14 @@ async def test_fuzz_run(mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pyte
                 run["alice"] = run.get("alice", 0) + 1
             n = min(fuzzer.rng.randint(0, 2 * BAD_PER_SLOT), DATAGRAMS - index)
             for j in range(n):
-                clock.now = start + (j + 1) * SLOT / (n + 1)
+                session.now = start + (j + 1) * SLOT / (n + 1)
                 kind, data, verdict = fuzzer.hostile()
                 counter: collections.Counter[str] | None = None
                 if kind in IMMEDIATE and verdict is not None:
                     counter = (
                         receiver.unattributed if verdict[0] is None else receiver.stats[verdict[0]].dropped
                     )
-                    before = dict(counter)  # a copy in one step: the receiver's thread counts too
+                    before = dict(counter)
                 try:
                     on_datagram(data)
                 except BaseException as exc:
@@ -712,22 +667,20 @@ async def test_fuzz_run(mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pyte
                 if index % CHECK_EVERY == 0:
                     if sink.mismatches:
                         fail(f"Alice's audio is not intact: {sink.mismatches}", kind, index, data)
-                    if not (receiver.is_alive() and receiver._delivery_thread.is_alive()):
-                        fail("a thread of the session ended", kind, index, data)
-                    sizes = _sizes(receiver)
+                    sizes = receiver.sizes()
                     for name, size in sizes.items():
                         largest[name] = max(largest[name], size)
                     if _over_cap(sizes):
                         fail(f"beyond their caps: {_over_cap(sizes)}", kind, index, data)
                     if blocks_at is None and index >= DATAGRAMS // 5:
-                        blocks_at = _allocated_blocks(receiver)
+                        blocks_at = _allocated_blocks()
                 index += 1
             slot += 1
-        run.update(slots=slot, blocks=(blocks_at, _allocated_blocks(receiver)))
+        run.update(slots=slot, blocks=(blocks_at, _allocated_blocks()))
 
     began = time.perf_counter()
     await asyncio.to_thread(feed)
-    await session.stop()  # the session ended normally, after() had no error
+    await session.stop()  # the session ended normally
     print(
         f"\n{mode}: {DATAGRAMS} hostile datagrams over {run['slots'] * SLOT:.0f} s of call in"
         f" {time.perf_counter() - began:.1f} s; kinds {dict(fuzzer.kinds)}; largest {dict(largest)};"
@@ -797,13 +750,13 @@ async def test_fuzz_run(mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pyte
 # -- the bugs the run found, one at a time --------------------------------------------------------
 
 
-async def test_a_replayed_old_packet_moves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_replayed_old_packet_moves_nothing() -> None:
     """One copy of a packet from seconds ago, far out of the jitter buffer's window, used to restart
     the member's stream: the frames across the jump were concealed and the rest of the track moved."""
-    session = await _session(AES, monkeypatch)
+    session = await _session(AES)
     sent = []
     for slot in range(400):
-        session.clock.now = SESSION_START + FIRST_SLOT + slot * SLOT
+        session.now = SESSION_START + FIRST_SLOT + slot * SLOT
         packet, frame = session.fuzzer.alice_packet(slot, b"\xfc" + struct.pack(">I", slot))
         sent.append(packet)
         session.sink.expected.append(frame)
@@ -811,7 +764,7 @@ async def test_a_replayed_old_packet_moves_nothing(monkeypatch: pytest.MonkeyPat
         if slot in (300, 350):
             session.on_datagram(sent[slot - 250])  # a replay, 250 packets back
             session.on_datagram(sent[slot - 249])  # and the one after it
-        session.receiver._tick(session.clock.now)  # as the receiver's thread does (it may lag here)
+        session.tick(session.now)
     await session.stop()
     assert not session.sink.mismatches and not session.sink.expected
     stats = session.receiver.stats[ALICE]
@@ -819,21 +772,21 @@ async def test_a_replayed_old_packet_moves_nothing(monkeypatch: pytest.MonkeyPat
     assert (stats.frames, stats.lost, stats.concealed, stats.dave_failures) == (400, 0, 0, 0)
 
 
-async def test_frames_that_never_open_wait_no_longer_than_dave_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_frames_that_never_open_wait_no_longer_than_dave_hold() -> None:
     """A member whose frames never open (say the bot never got their key): each frame is held
     ``dave_hold`` at most. Timed from when the frame reached the head of the queue, one went
     through per ``dave_hold`` while fifty a second queued behind it, without bound."""
-    session = await _session(AES, monkeypatch)
+    session = await _session(AES)
     fuzzer, receiver = session.fuzzer, session.receiver
     stream_sizes = []
     for k in range(3000):  # a minute at 50 frames a second
-        session.clock.now = SESSION_START + k * SLOT
+        session.now = SESSION_START + k * SLOT
         header = RtpHeader(False, 120, k, k * STEP, SSRC_MALLORY)
         tampered = bytearray(fuzzer.mallory.encrypt_opus(b"\xfc" + bytes(20)))
         tampered[0] ^= 1  # DAVE cannot tell this from a frame under a key it does not have
         session.on_datagram(fuzzer.seal(header, bytes(tampered)))
-        receiver._tick(session.clock.now)
-        stream_sizes.append(len(receiver._streams[SSRC_MALLORY].pending))
+        session.tick(session.now)
+        stream_sizes.append(receiver.sizes()["DAVE pending"])
     # each waits dave_hold (2 s: 100 frames), and no longer
     assert max(stream_sizes) <= OPTIONS.dave_hold / SLOT + 2
     await session.stop()

@@ -4,7 +4,7 @@ RTP timestamps (48 kHz, 32 bits) wrap every 24.9 hours and sequence numbers (16 
 21.8 minutes of speech; the transport nonce counter (32 bits) wraps too. A member's timestamps
 start anywhere, so a wrap can come at any moment of a session, and a session can outlast the
 whole timestamp space. Through the real receive path (a real
-:class:`~listening_core.receiver.AudioReceiver`, a real transport key in both AEAD modes, a real
+:class:`~listening_core.session.ReceiveSession`, a real transport key in both AEAD modes, a real
 DAVE group, ``tests/_receiver_rig.py``) on a simulated clock, so hours pass in a moment:
 
 - a member whose timestamps and sequence numbers wrap inside the session, with packets swapped
@@ -64,15 +64,13 @@ def _delivered(session: Session) -> list[tuple[int, int, int, bytes | None]]:
 
 
 @pytest.mark.parametrize("mode", SUPPORTED_MODES)
-async def test_timestamps_and_sequence_numbers_wrap_inside_a_session(
-    mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_timestamps_and_sequence_numbers_wrap_inside_a_session(mode: str) -> None:
     """Her timestamps wrap in the second of silence between her two spurts, her sequence numbers
     between the first two frames of her second spurt, whose first packets are held up 30 ms, the
     one after the wrap arriving first. The spurt still lands where she sent it:
     RTP-exact from her first spurt (the 30 ms are network delay, under the timeline's threshold),
     not at its late arrival; and its frames in order, 65535 before 0."""
-    session = Session(mode, monkeypatch, counter=WRAP - 60)  # the nonce counter wraps in her first spurt
+    session = Session(mode, counter=WRAP - 60)  # the nonce counter wraps in her first spurt
     await session.start({SSRC_ALICE: ALICE})
     alice = Alice(session, seq0=65536 - 101, ts0=WRAP - 120 * STEP + 5)
     first = alice.spurt(FIRST, 100)
@@ -100,12 +98,10 @@ async def test_timestamps_and_sequence_numbers_wrap_inside_a_session(
 
 
 @pytest.mark.parametrize("mode", SUPPORTED_MODES)
-async def test_a_frame_lost_across_the_timestamp_wrap_is_concealed_in_its_own_slot(
-    mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_frame_lost_across_the_timestamp_wrap_is_concealed_in_its_own_slot(mode: str) -> None:
     """Two frames lost either side of the wrap: their slots are computed from their neighbours
     across it (2**32 - 1915 and 965): 2**32 - 955 and 5, and the frames after them keep their places."""
-    session = Session(mode, monkeypatch)
+    session = Session(mode)
     await session.start({SSRC_ALICE: ALICE})
     alice = Alice(session, seq0=65536 - 3, ts0=WRAP - 10 * STEP + 5)
     packets = alice.spurt(FIRST, 30)
@@ -124,12 +120,10 @@ async def test_a_frame_lost_across_the_timestamp_wrap_is_concealed_in_its_own_sl
 
 
 @pytest.mark.parametrize("mode", SUPPORTED_MODES)
-async def test_a_26_hour_session_and_silences_of_half_and_of_a_whole_wrap(
-    mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_26_hour_session_and_silences_of_half_and_of_a_whole_wrap(mode: str) -> None:
     """A day and more of a member speaking now and then, then silences the timestamp difference
     misreads: every frame where she sent it, on session samples far past 2**32."""
-    session = Session(mode, monkeypatch)
+    session = Session(mode)
     await session.start({SSRC_ALICE: ALICE})
     every = 20 * 60 * 48_000  # she speaks a second every 20 minutes
     # her timestamps wrap between the first two frames of her 33rd spurt, 10 h 40 min in
@@ -145,7 +139,7 @@ async def test_a_26_hour_session_and_silences_of_half_and_of_a_whole_wrap(
     for t, data in arrivals:
         session.feed(t, data)
     session.tick(arrivals[-1][0] + 1.0)  # her last spurt of the day is placed too
-    stream = session.receiver._streams[SSRC_ALICE]
+    stream = session.receiver.streams[SSRC_ALICE]
     placed_by_rtp = stream.timeline.anchors  # a spurt re-anchored at its arrival counts here
     # then silences where the timestamp difference misleads: more than half the timestamp space
     # (it reads as hours backwards), a whole wrap and a frame (it reads as one frame), a whole

@@ -11,7 +11,7 @@ Two things other receive libraries learned in 2026:
   speaking event. Sent on a member's audio SSRC it takes a sequence number of their stream: that
   number is not a lost frame, so nothing is concealed and the frames around it keep their places.
 
-Each test runs a real :class:`~listening_core.receiver.AudioReceiver` with a real transport key
+Each test runs a real :class:`~listening_core.session.ReceiveSession` with a real transport key
 and a real DAVE group on a simulated clock (``tests/_receiver_rig.py``).
 """
 
@@ -51,12 +51,10 @@ def _warnings(caplog: pytest.LogCaptureFixture, what: str) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", SUPPORTED_MODES)
-async def test_padded_dave_frames_open_and_are_delivered_exact(
-    mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_padded_dave_frames_open_and_are_delivered_exact(mode: str) -> None:
     """Every padding length Discord may use (1..255), with and without a header extension: the
     DAVE trailer sits before the padding, and every frame opens and lands where it was sent."""
-    session = Session(mode, monkeypatch)
+    session = Session(mode)
     await session.start({SSRC_ALICE: ALICE})
     paddings = [1, 2, 3, 13, 64, 200, 254, 255]
     sent = []
@@ -88,7 +86,7 @@ async def test_padded_dave_frames_open_and_are_delivered_exact(
 
 @pytest.mark.parametrize("mode", SUPPORTED_MODES)
 async def test_a_probe_is_dropped_counted_and_takes_its_sequence_number(
-    mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Probes on Alice's audio SSRC, in her sequence-number space, around two talk spurts: one
     before her first frame, single and back-to-back ones mid-spurt (with and without a header
@@ -97,7 +95,7 @@ async def test_a_probe_is_dropped_counted_and_takes_its_sequence_number(
     counted once as ``probe``; her frames are all delivered, exact, none lost or concealed; no
     speaking event comes from a probe."""
     caplog.set_level(logging.WARNING, logger="listening_core")
-    session = Session(mode, monkeypatch)
+    session = Session(mode)
     await session.start({SSRC_ALICE: ALICE})
     # what Alice's client sends, in order: ("frame", slot) or ("probe", slot, options)
     plan: list[tuple] = [("probe", -5, {"ts": TS0 - 7})]  # before her stream begins: no seq of it
@@ -166,12 +164,10 @@ async def test_a_probe_is_dropped_counted_and_takes_its_sequence_number(
 
 
 @pytest.mark.parametrize("mode", SUPPORTED_MODES)
-async def test_a_probe_from_an_ssrc_announced_later_is_counted_for_its_user(
-    mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_probe_from_an_ssrc_announced_later_is_counted_for_its_user(mode: str) -> None:
     """Packets of an SSRC no user is mapped to yet are held; a probe among them is attributed
     with them, and counted as Bob's probe, not as a frame."""
-    session = Session(mode, monkeypatch)
+    session = Session(mode)
     await session.start({SSRC_ALICE: ALICE})
     t0 = session.at(FIRST)
     session.feed(t0, session.packet(BOB, SSRC_BOB, 10, 9600, opus_of(0)))
