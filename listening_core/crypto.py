@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import DaveError, DecryptError, PacketError, _pip_install
+from .frames import OPUS_SILENCE
 from .rtp import RtpHeader
 
 
@@ -79,8 +80,6 @@ RTCP_AAD_SIZE = 8
 _OVERHEAD = TAG_SIZE + COUNTER_SIZE
 _U32 = struct.Struct(">I")
 
-OPUS_SILENCE = b"\xf8\xff\xfe"
-"""The Opus silence frame; Discord sends it outside DAVE."""
 DAVE_MAGIC = b"\xfa\xfa"
 """The marker ending every DAVE-encrypted frame."""
 # supplemental bytes = 8-byte truncated tag + ULEB128 nonce (>= 1) + ranges + size byte + magic

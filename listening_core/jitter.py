@@ -16,19 +16,17 @@ taken for a lost frame, and it releases nothing.
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .frames import OPUS_SILENCE, FrameKind
 from .rtp import seq_diff, ts_add, ts_diff
 
 __all__ = ["NO_MEDIA", "OPUS_SILENCE", "FrameKind", "JitterBuffer", "JitterStats", "Playout"]
 
 _log = logging.getLogger(__name__)
 
-OPUS_SILENCE = b"\xf8\xff\xfe"
-"""The Opus silence frame; senders send five of them at the end of each talk spurt."""
 NO_MEDIA = b""
 """The payload of a packet that takes a sequence number but carries no frame (a bandwidth probe)."""
 
@@ -36,19 +34,6 @@ _SEQ_MASK = 0xFFFF
 _WINDOW = 128  # how far back (in sequence numbers) duplicates are told from late packets
 _WINDOW_MASK = _WINDOW - 1
 _RELEASED = 1  # ring value: this seq went out as RECEIVED/SILENCE (0: it was concealed)
-
-
-class FrameKind(enum.Enum):
-    """How a released frame was obtained, and so how the decoder must treat it."""
-
-    RECEIVED = "received"
-    """The packet arrived: decode :attr:`Playout.payload`."""
-    SILENCE = "silence"
-    """The packet arrived and is the Opus silence frame ``F8 FF FE`` (still to be decoded)."""
-    FEC = "fec"
-    """The packet was lost: rebuild it from the in-band FEC of :attr:`Playout.payload`, the next packet."""
-    PLC = "plc"
-    """The packet was lost and cannot be rebuilt: conceal it (:attr:`Playout.payload` is ``None``)."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -14,14 +14,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .frames import SAMPLE_RATE
 from .rtp import ts_diff
 
 __all__ = ["SAMPLE_RATE", "SessionClock", "SilenceSpan", "StreamTimeline"]
 
 _log = logging.getLogger(__name__)
-
-SAMPLE_RATE = 48000
-"""Samples per second (per channel) of the session clock and of Opus on Discord."""
 
 
 class SessionClock:
