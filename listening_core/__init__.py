@@ -26,6 +26,7 @@ __all__ = [
     "ListenOptions",
     "ListeningError",
     "ListeningInterrupted",
+    "ListeningStateError",
     "RtcpPacket",
     "UserStats",
     "VoiceClient",
@@ -33,13 +34,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .errors import ListeningError
+    from .errors import ListeningError, ListeningInterrupted, ListeningStateError
     from .frames import AudioFrame, FrameKind, RtcpPacket
     from .pool import AudioProcessPool
-    from .receiver import AudioReceiver, ListenOptions, UserStats
+    from .receiver import AudioReceiver
+    from .session import ListenOptions, UserStats
     from .sinks import AudioFile, AudioFileSink, AudioHandlingSink, AudioSink
     from .unpacker import AudioUnpacker
-    from .voice_client import ListeningInterrupted, VoiceClient
+    from .voice_client import VoiceClient
 
 # Imported on first use, so that worker processes and the pytest plugin stay light.
 _LAZY = {
@@ -52,11 +54,12 @@ _LAZY = {
     "AudioSink": ".sinks",
     "AudioUnpacker": ".unpacker",
     "FrameKind": ".frames",
-    "ListenOptions": ".receiver",
+    "ListenOptions": ".session",
     "ListeningError": ".errors",
-    "ListeningInterrupted": ".voice_client",
+    "ListeningInterrupted": ".errors",
+    "ListeningStateError": ".errors",
     "RtcpPacket": ".frames",
-    "UserStats": ".receiver",
+    "UserStats": ".session",
     "VoiceClient": ".voice_client",
 }
 

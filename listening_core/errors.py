@@ -20,10 +20,9 @@ spellings ``listening_core.plugins.UnknownSinkError``, ``listening_core.opus.Opu
     ├── OptionsError (ValueError)         a sink's options
     ├── SinkError                         a sink failed (listening_core.sinks)
     ├── LibopusNotFound, OpusError        decoding (listening_core.opus)
-    └── WorkerDied, PoolClosed            the decoding pool (listening_core.pool)
-
-(``ListeningStateError`` and ``ListeningInterrupted`` are still defined in
-:mod:`listening_core.voice_client`.)
+    ├── WorkerDied, PoolClosed            the decoding pool (listening_core.pool)
+    ├── ListeningStateError (RuntimeError)  listen() and friends called in the wrong state
+    └── ListeningInterrupted              the session ended with the voice connection
 """
 
 from __future__ import annotations
@@ -37,6 +36,8 @@ __all__ = [
     "InvalidPluginError",
     "LibopusNotFound",
     "ListeningError",
+    "ListeningInterrupted",
+    "ListeningStateError",
     "OptionsError",
     "OpusError",
     "PacketError",
@@ -53,6 +54,28 @@ _log = logging.getLogger(__name__)
 
 class ListeningError(Exception):
     """Base class of every error raised by listening-core."""
+
+
+class ListeningStateError(ListeningError, RuntimeError):
+    """``listen`` and friends were called in a state that does not allow it (the message says why)."""
+
+
+class ListeningInterrupted(ListeningError):
+    """The listening session ended because the voice connection did; handed to ``after``.
+
+    :attr:`reason` is ``"disconnected"`` (the bot left voice, or Discord removed it: kicked, the
+    channel deleted, a connection that could not be restored) or ``"moved"`` (the bot is now in
+    another channel, whose audio does not belong in this recording). Everything received before
+    is in the sink, which was cleaned up as after :meth:`VoiceClient.stop_listening`. A sink's
+    own failure takes precedence: ``after`` then gets that error instead.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ListeningInterrupted], tuple[str, str]]:
+        return (type(self), (self.reason, str(self)))
 
 
 class PacketError(ListeningError, ValueError):

@@ -35,7 +35,7 @@ from discord.voice_state import VoiceConnectionState
 
 from .connection import DAVE_KEY_RETENTION as DAVE_KEY_RETENTION
 from .connection import ConnectionDave, _ConnectionState
-from .errors import ListeningError
+from .errors import ListeningInterrupted, ListeningStateError
 from .pool import AudioProcessPool
 from .receiver import AudioReceiver, ListenOptions, UserStats
 from .sinks import AudioSink, MultiSink, _unused_name
@@ -51,28 +51,6 @@ __all__ = ["RECEIVE_BUFFER", "ListeningInterrupted", "ListeningStateError", "Voi
 
 RECEIVE_BUFFER = 4 * 1024 * 1024
 """Bytes of socket receive buffer asked for while listening (several seconds of a large call)."""
-
-
-class ListeningStateError(ListeningError, RuntimeError):
-    """``listen`` and friends were called in a state that does not allow it (the message says why)."""
-
-
-class ListeningInterrupted(ListeningError):
-    """The listening session ended because the voice connection did; handed to ``after``.
-
-    :attr:`reason` is ``"disconnected"`` (the bot left voice, or Discord removed it: kicked, the
-    channel deleted, a connection that could not be restored) or ``"moved"`` (the bot is now in
-    another channel, whose audio does not belong in this recording). Everything received before
-    is in the sink, which was cleaned up as after :meth:`VoiceClient.stop_listening`. A sink's
-    own failure takes precedence: ``after`` then gets that error instead.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type[ListeningInterrupted], tuple[str, str]]:
-        return (type(self), (self.reason, str(self)))
 
 
 class VoiceClient(discord.VoiceClient):
