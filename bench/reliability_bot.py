@@ -142,7 +142,7 @@ class Tap:
             return
         ssrc = int.from_bytes(data[8:12], "big")
         with self.lock:
-            if ssrc in self.vc._ssrc_to_user:
+            if ssrc in self.vc.ssrc_map.users:
                 self.counts[ssrc] += 1
                 if self.keep_seqs:
                     self.seqs[ssrc].add(int.from_bytes(data[2:4], "big"))
@@ -252,10 +252,10 @@ class Bot:
             "tap": {
                 "unmapped": tap.unmapped if tap else 0,
                 "per_user": {
-                    str(self.vc._ssrc_to_user[ssrc]): n for ssrc, n in (tap.counts.items() if tap else [])
+                    str(self.vc.ssrc_map.users[ssrc]): n for ssrc, n in (tap.counts.items() if tap else [])
                 },
             },
-            "ssrc_to_user": {str(k): v for k, v in self.vc._ssrc_to_user.items()},
+            "ssrc_to_user": {str(k): v for k, v in self.vc.ssrc_map.users.items()},
         }
 
     def report(self) -> dict[str, Any]:
@@ -296,7 +296,7 @@ class Bot:
         if self.tally.keep_seqs:
             check: dict[str, Any] = {}
             for ssrc, seen in self.tap.frozen.items():
-                user = self.vc._ssrc_to_user[ssrc]
+                user = self.vc.ssrc_map.users[ssrc]
                 tally = self.tally.users.get(user)
                 delivered = tally.seqs if tally is not None and tally.seqs is not None else set()
                 arrived = (

@@ -118,19 +118,6 @@ class VoiceClient(discord.VoiceClient):
         except (KeyError, TypeError, ValueError):
             _log.debug("ignoring a voice websocket message we could not read: %s", msg)
 
-    # read-only views kept under their old names (the benchmarks' bots read them)
-    @property
-    def _ssrc_to_user(self) -> Mapping[int, int]:
-        return self.ssrc_map.users
-
-    @property
-    def _video_ssrcs(self) -> frozenset[int]:
-        return self.ssrc_map.video_ssrcs()
-
-    @property
-    def _video_owner(self) -> Mapping[int, int]:
-        return self.ssrc_map.video_owners
-
     def _add_video_ssrc(self, ssrc: int, user_id: int) -> None:
         self.ssrc_map.add_video(ssrc, user_id)
 

@@ -191,7 +191,7 @@ async def test_video_never_reaches_a_decoder() -> None:
             await _stop(vc)
 
             assert alice.video_sent == 20
-            assert video_ssrc in vc._video_ssrcs
+            assert video_ssrc in vc.ssrc_map.video_ssrcs()
             assert set(sink.frames) == {alice.user_id}
             frames = sink.frames[alice.user_id]
             assert all(f.ssrc == alice.ssrc for f in frames)
@@ -392,7 +392,7 @@ async def test_late_mapped_ssrc_is_held_then_attributed() -> None:
         late = local.add_member("x", speaking_delay=0.5)  # op 5 comes 0.5 s after its first packet
         client, vc = await _ready_call(local, late)
         try:
-            assert late.ssrc not in vc._ssrc_to_user
+            assert late.ssrc not in vc.ssrc_map.users
             sink = CollectingSink()
             vc.listen(sink)
             loop = asyncio.get_running_loop()
@@ -403,7 +403,7 @@ async def test_late_mapped_ssrc_is_held_then_attributed() -> None:
             assert receiver is not None
             await _stop(vc)
 
-            assert vc._ssrc_to_user[late.ssrc] == late.user_id
+            assert vc.ssrc_map.users[late.ssrc] == late.user_id
             assert set(sink.frames) == {late.user_id}
             frames = sink.frames[late.user_id]
             _assert_exact(frames, late.sent)
