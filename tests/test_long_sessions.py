@@ -10,119 +10,31 @@ holes are zeros by the file system's definition (and are spot-read too).
 
 from __future__ import annotations
 
-import os
 import signal
 import struct
 import subprocess
 import sys
 import textwrap
 import wave
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from listening_core.sinks import AudioFile, AudioFrame, FrameKind, recover_file
+from listening_core.sinks import AudioFile, recover_file
+from listening_core.testing.tracks import (
+    HOUR,
+    PAST_4GIB_STEREO,
+    SEVEN_HOURS,
+    assert_track,
+    frames,
+    head,
+    pattern,
+)
 
 RATE = 48_000
 FRAME = 960
-HOUR = 3600 * RATE
-SEVEN_HOURS = 7 * HOUR
-# the first stereo sample whose bytes lie past 4 GiB of file (80-byte header)
-PAST_4GIB_STEREO = (2**32 - 80) // 4 + 1
-
-
-def pattern(start: int, n: int, channels: int = 2, salt: int = 0) -> np.ndarray:
-    """``n`` samples that say where they are: no two stretches of a track look alike."""
-    t = np.arange(start, start + n, dtype=np.int64)
-    left = ((t * 7 + salt) % 20011 - 10005).astype(np.int16)
-    if channels == 1:
-        return left.reshape(-1, 1)
-    return np.stack([left, ((t * 13 + salt) % 19997 - 9998).astype(np.int16)], axis=1)
-
-
-def frames(user_id: int, start: int, n: int, seq: int = 0, salt: int = 0) -> list[AudioFrame]:
-    """``n`` 20 ms frames of :func:`pattern` from session sample ``start``."""
-    return [
-        AudioFrame(
-            user_id,
-            user_id,
-            (seq + k) & 0xFFFF,
-            0,
-            start + k * FRAME,
-            FrameKind.RECEIVED,
-            pattern(start + k * FRAME, FRAME, salt=salt).astype("<i2").tobytes(),
-        )
-        for k in range(n)
-    ]
-
-
-def _head(path: Path) -> bytes:
-    with path.open("rb") as fh:
-        return fh.read(4096)
-
-
-def data_start(path: Path) -> int:
-    return _head(path).index(b"data") + 8
-
-
-def data_extents(path: Path) -> list[tuple[int, int]]:
-    """Byte ranges of ``path`` that hold data; the rest are holes (zeros). The whole file where
-    the file system cannot say."""
-    size = path.stat().st_size
-    extents = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole after pos
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            extents.append((start, end))
-            pos = end
-    except (AttributeError, OSError):
-        return [(0, size)]
-    finally:
-        os.close(fd)
-    return extents
-
-
-def assert_track(path: Path, length: int, pieces: Mapping[int, np.ndarray], channels: int = 2) -> None:
-    """``path`` reads back with soundfile as exactly ``length`` samples: each of ``pieces``
-    (session sample → samples, none past ``length``) where it belongs, zeros everywhere else."""
-    assert all(start + len(piece) <= length for start, piece in pieces.items())
-    info = sf.info(str(path))
-    assert (info.frames, info.channels, info.samplerate) == (length, channels, RATE), info
-    offset, align = data_start(path), 2 * channels
-    ranges = [
-        (max(0, (a - offset) // align), min(length, -(-(b - offset) // align))) for a, b in data_extents(path)
-    ]
-    ranges += [(start, start + len(piece)) for start, piece in pieces.items()]
-    # a few samples inside the holes too, read through soundfile like the rest
-    ranges += [(p, p + 4) for p in np.linspace(0, length - 4, 9, dtype=np.int64).tolist()]
-    merged: list[list[int]] = []
-    for lo, hi in sorted(r for r in ranges if r[0] < r[1]):
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    blocks = [(a, min(hi, a + (1 << 22))) for lo, hi in merged for a in range(lo, hi, 1 << 22)]
-    with sf.SoundFile(str(path)) as f:
-        for lo, hi in blocks:
-            f.seek(lo)
-            got = f.read(hi - lo, dtype="int16", always_2d=True)
-            want = np.zeros((hi - lo, channels), dtype=np.int16)
-            for start, piece in pieces.items():
-                a, b = max(lo, start), min(hi, start + len(piece))
-                if a < b:
-                    want[a - lo : b - lo] = piece[a - start : b - start]
-            if not np.array_equal(got, want):
-                bad = lo + int(np.argmax(np.any(got != want, axis=1)))
-                pytest.fail(f"{path.name}: sample {bad} ({bad / RATE:.3f} s) is not what was written there")
 
 
 # ------------------------------------------------------------------------------- short files
@@ -182,12 +94,12 @@ def test_stereo_track_past_seven_hours_reads_back_whole(tmp_path: Path) -> None:
         audio.write(frame)
         if frame.position == boundary:
             audio.flush()
-            assert _head(path)[:4] == b"RIFF"  # an ordinary WAV until it outgrows 4 GiB
+            assert head(path)[:4] == b"RIFF"  # an ordinary WAV until it outgrows 4 GiB
     pieces |= {boundary: pattern(boundary, 50 * FRAME), SEVEN_HOURS: pattern(SEVEN_HOURS, 50 * FRAME)}
     end = SEVEN_HOURS + 60 * RATE
     audio.pad_to(end)
     audio.cleanup()
-    assert _head(path)[:4] == b"RF64" and path.stat().st_size == 80 + end * 4
+    assert head(path)[:4] == b"RF64" and path.stat().st_size == 80 + end * 4
     assert_track(path, end, pieces)
     assert recover_file(path) == end  # closed properly: nothing to change
     assert_track(path, end, pieces)
@@ -203,8 +115,13 @@ def test_mono_track_past_twelve_and_a_half_hours_reads_back_whole(tmp_path: Path
     audio.pad_to(late)
     audio.write_samples(pattern(late, RATE, channels=1))
     audio.cleanup()
-    assert _head(path)[:4] == b"RF64"
-    assert_track(path, late + RATE, {0: pattern(0, RATE, 1), late: pattern(late, RATE, 1)}, channels=1)
+    assert head(path)[:4] == b"RF64"
+    assert_track(
+        path,
+        late + RATE,
+        {0: pattern(0, RATE, channels=1), late: pattern(late, RATE, channels=1)},
+        channels=1,
+    )
 
 
 # ------------------------------------------------------------------------------- after a kill
@@ -239,15 +156,15 @@ def test_killed_past_seven_hours_recovers_whole(tmp_path: Path, flush: float) ->
     audio that reached the disk reads back where it belongs."""
     path = tmp_path / "killed.wav"
     fed = _killed_at_seven_hours(path, flush)
-    assert _head(path)[:4] == (b"RF64" if flush else b"RIFF")
+    assert head(path)[:4] == (b"RF64" if flush else b"RIFF")
     samples = recover_file(path)
     # PCM reaches the OS in blocks of 0.25 s; what was still gathering in the last one is lost
     assert fed - RATE // 4 <= samples <= fed
-    assert _head(path)[:4] == b"RF64"
+    assert head(path)[:4] == b"RF64"
     late = pattern(SEVEN_HOURS, samples - SEVEN_HOURS)
     assert_track(path, samples, {0: pattern(0, 50 * FRAME), SEVEN_HOURS: late})
-    before = _head(path)
-    assert recover_file(path) == samples and _head(path) == before  # idempotent
+    before = head(path)
+    assert recover_file(path) == samples and head(path) == before  # idempotent
 
 
 def test_an_older_wav_past_4gib_is_rewritten_as_rf64(tmp_path: Path) -> None:
@@ -263,7 +180,7 @@ def test_an_older_wav_past_4gib_is_rewritten_as_rf64(tmp_path: Path) -> None:
         fh.write(late.astype("<i2").tobytes() + b"\x01\x02")  # and half a sample
     samples = recover_file(path)
     assert samples == SEVEN_HOURS + 2 * RATE
-    assert _head(path)[:4] == b"RF64"
+    assert head(path)[:4] == b"RF64"
     assert not list(tmp_path.glob(".*recovering"))
     assert_track(path, samples, {0: pattern(0, RATE), SEVEN_HOURS: late})
 
@@ -276,6 +193,6 @@ def test_converting_to_wav_keeps_room_for_rf64(tmp_path: Path) -> None:
         audio.write(frame)
     audio.cleanup()
     path = audio.convert("wav")
-    assert _head(path)[:16] == b"RIFF" + struct.pack("<I", path.stat().st_size - 8) + b"WAVEJUNK"
+    assert head(path)[:16] == b"RIFF" + struct.pack("<I", path.stat().st_size - 8) + b"WAVEJUNK"
     data, _ = sf.read(str(path), dtype="int16", always_2d=True)
     assert np.array_equal(data, pattern(0, 50 * FRAME))

@@ -5,7 +5,6 @@ takes a few megabytes of disk."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,96 +13,13 @@ import time
 from pathlib import Path
 
 import listening_sink_wav
-import numpy as np
-import pytest
-import soundfile as sf
 from listening_sink_wav import WavOptions, WavSink
 
-from listening_core.sinks import AudioFrame, FrameKind, SessionInfo
+from listening_core.sinks import SessionInfo
+from listening_core.testing.tracks import PAST_4GIB_STEREO, SEVEN_HOURS, assert_track, frames, head, pattern
 
 RATE = 48_000
 FRAME = 960
-HOUR = 3600 * RATE
-SEVEN_HOURS = 7 * HOUR
-PAST_4GIB_STEREO = (2**32 - 80) // 4 + 1  # the first stereo sample whose bytes lie past 4 GiB of file
-
-
-def pattern(start: int, n: int, salt: int = 0) -> np.ndarray:
-    """``n`` stereo samples that say where they are (and, with ``salt``, whose they are)."""
-    t = np.arange(start, start + n, dtype=np.int64)
-    return np.stack(
-        [
-            ((t * 7 + salt) % 20011 - 10005).astype(np.int16),
-            ((t * 13 + salt) % 19997 - 9998).astype(np.int16),
-        ],
-        axis=1,
-    )
-
-
-def frames(user_id: int, start: int, n: int, seq: int = 0, salt: int = 0) -> list[AudioFrame]:
-    """``n`` 20 ms frames of :func:`pattern` from session sample ``start``."""
-    return [
-        AudioFrame(
-            user_id,
-            user_id,
-            (seq + k) & 0xFFFF,
-            0,
-            start + k * FRAME,
-            FrameKind.RECEIVED,
-            pattern(start + k * FRAME, FRAME, salt).astype("<i2").tobytes(),
-        )
-        for k in range(n)
-    ]
-
-
-def head(path: Path) -> bytes:
-    with path.open("rb") as fh:
-        return fh.read(4096)
-
-
-def assert_track(path: Path, length: int, pieces: dict[int, np.ndarray], channels: int = 2) -> None:
-    """``path`` reads back with soundfile as exactly ``length`` samples: each of ``pieces``
-    (session sample → samples) where it belongs, zeros everywhere else. Every stretch of the
-    file that holds data (SEEK_DATA) is read; the rest are holes, zeros by definition (a few
-    samples in them are read too)."""
-    assert all(start + len(piece) <= length for start, piece in pieces.items())
-    info = sf.info(str(path))
-    assert (info.frames, info.channels, info.samplerate) == (length, channels, RATE), info
-    offset, align, size = head(path).index(b"data") + 8, 2 * channels, path.stat().st_size
-    ranges = [(start, start + len(piece)) for start, piece in pieces.items()]
-    ranges += [(p, p + 4) for p in np.linspace(0, length - 4, 9, dtype=np.int64).tolist()]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0 if hasattr(os, "SEEK_DATA") else size
-        ranges += [] if pos == 0 else [(0, length)]  # no SEEK_DATA: read it all
-        while pos < size:
-            try:
-                a = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # only a hole after pos
-                break
-            pos = os.lseek(fd, a, os.SEEK_HOLE)
-            ranges.append((max(0, (a - offset) // align), min(length, -(-(pos - offset) // align))))
-    finally:
-        os.close(fd)
-    merged: list[list[int]] = []
-    for lo, hi in sorted(r for r in ranges if r[0] < r[1]):
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    blocks = [(a, min(hi, a + (1 << 22))) for lo, hi in merged for a in range(lo, hi, 1 << 22)]
-    with sf.SoundFile(str(path)) as f:
-        for lo, hi in blocks:
-            f.seek(lo)
-            got = f.read(hi - lo, dtype="int16", always_2d=True)
-            want = np.zeros((hi - lo, channels), dtype=np.int16)
-            for start, piece in pieces.items():
-                a, b = max(lo, start), min(hi, start + len(piece))
-                if a < b:
-                    want[a - lo : b - lo] = piece[a - start : b - start]
-            if not np.array_equal(got, want):
-                bad = lo + int(np.argmax(np.any(got != want, axis=1)))
-                pytest.fail(f"{path.name}: sample {bad} ({bad / RATE:.3f} s) is not what was fed there")
 
 
 def test_a_session_past_seven_hours_reads_back_whole(tmp_path: Path) -> None:
@@ -124,7 +40,7 @@ def test_a_session_past_seven_hours_reads_back_whole(tmp_path: Path) -> None:
     assert not sink.errors
     for user, pieces in [
         (1, {0: pattern(0, RATE), SEVEN_HOURS: pattern(SEVEN_HOURS, 2 * RATE)}),
-        (2, {boundary: pattern(boundary, RATE, 1), late: pattern(late, 2 * RATE, 1)}),
+        (2, {boundary: pattern(boundary, RATE, salt=1), late: pattern(late, 2 * RATE, salt=1)}),
     ]:
         path = tmp_path / f"{user}.wav"
         assert head(path)[:4] == b"RF64"
