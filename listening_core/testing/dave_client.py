@@ -95,6 +95,20 @@ class RecognisedUsers:
             return True
         return False
 
+    def handle(self, message: Outgoing) -> list[ClientMessage]:
+        """Process one server message addressed to this user; return the client's replies."""
+        if message.user_id != self.user_id:
+            raise ValueError(f"message for user {message.user_id} delivered to user {self.user_id}")
+        if message.binary is not None:
+            return self.handle_binary(message.opcode, message.binary)
+        return self.handle_json(message.opcode, message.json or {})
+
+    def handle_json(self, opcode: int, data: dict[str, Any]) -> list[ClientMessage]:
+        raise NotImplementedError
+
+    def handle_binary(self, opcode: int, payload: bytes) -> list[ClientMessage]:
+        raise NotImplementedError
+
 
 class DaveClient(RecognisedUsers):
     """A discord.py-like DAVE participant for one user (sans-I/O).
@@ -205,14 +219,6 @@ class DaveClient(RecognisedUsers):
             self.session.reset()
             self._set_passthrough(True, 10)
         return []
-
-    def handle(self, message: Outgoing) -> list[ClientMessage]:
-        """Process one server message addressed to this user; return the client's replies."""
-        if message.user_id != self.user_id:
-            raise ValueError(f"message for user {message.user_id} delivered to user {self.user_id}")
-        if message.binary is not None:
-            return self.handle_binary(message.opcode, message.binary)
-        return self.handle_json(message.opcode, message.json or {})
 
     def handle_json(self, opcode: int, data: dict[str, Any]) -> list[ClientMessage]:
         """Mirror of ``DiscordVoiceWebSocket.received_message`` for DAVE opcodes 21, 22 and 24 (and the

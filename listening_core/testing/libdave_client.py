@@ -22,7 +22,7 @@ frame (davey sends ``F8 FF FE`` as is).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .dave_client import (
     OP_ANNOUNCE_COMMIT,
@@ -39,9 +39,6 @@ from .dave_client import (
     ClientMessage,
     RecognisedUsers,
 )
-
-if TYPE_CHECKING:
-    from .dave_group import Outgoing
 
 _dave: Any
 try:
@@ -192,14 +189,6 @@ class LibdaveClient(RecognisedUsers):
         if not key_package:
             raise RuntimeError(f"user {self.user_id}: libdave made no key package")
         return [ClientMessage(OP_KEY_PACKAGE, binary=bytes(key_package))]
-
-    def handle(self, message: Outgoing) -> list[ClientMessage]:
-        """Process one server message addressed to this user; return the client's replies."""
-        if message.user_id != self.user_id:
-            raise ValueError(f"message for user {message.user_id} delivered to user {self.user_id}")
-        if message.binary is not None:
-            return self.handle_binary(message.opcode, message.binary)
-        return self.handle_json(message.opcode, message.json or {})
 
     def handle_json(self, opcode: int, data: dict[str, Any]) -> list[ClientMessage]:
         """Ops 11 and 13 (who is recognised), 21, 22 and 24, as libdave's session manager."""
