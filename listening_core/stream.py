@@ -147,7 +147,9 @@ class StreamState:
     def due(self, now: float) -> None:
         """Release what is due at ``now``: a start window, lost frames, DAVE retries, speaking."""
         self.drain(now, final=False)
-        if self.speaking and now - self.last_arrival > self.session.options.speaking_timeout:
+        # at its deadline, not a hair before: a stream acts only when next_deadline() says, so
+        # the session's deadline heap finds it due exactly when a walk of every stream would
+        if self.speaking and now >= self.last_arrival + self.session.options.speaking_timeout + EPSILON:
             self.speaking = False
             self.session.events.speaking.append((self.user_id, False))
 
@@ -268,13 +270,16 @@ class StreamState:
                         # the queue, a stream whose frames never open let one through per
                         # dave_hold while the rest queued behind it without bound.
                         since = item.arrival if item.arrival is not None else self.blocked_since
+                        expires = since + options.dave_hold
                         if (
-                            now - since < options.dave_hold
+                            # not now - since < dave_hold: rounded differently, a frame was
+                            # not yet expired at its own expiry, retried at that same time, for good
+                            now < expires
                             and len(q) <= options.max_held_per_stream
                             and not self._later_opens()
                         ):
                             # wait for the key: tried again a tick from now, or when it expires
-                            self.retry_at = min(now + options.tick, since + options.dave_hold)
+                            self.retry_at = min(now + options.tick, expires)
                             return
                     q.popleft()
                     self.blocked_since = self.retry_at = None
