@@ -22,6 +22,7 @@ the first time (as ``listening_core.receiver``).
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import math
 from dataclasses import dataclass, field
@@ -212,7 +213,18 @@ class ReceiveSession:
         self.events = Events()
         self.paused = False
         self._now = -_INF
-        self._next = _INF
+        # Stream deadlines in a heap, so that a wake costs O(log n) for n streams, not a walk of
+        # them all: entries are (deadline, ordinal, SSRC), and one is live only while
+        # _scheduled[SSRC] holds its deadline (a stream whose deadline moves pushes a new entry;
+        # the old one is skipped when it surfaces). The ordinal (the SSRC's place in
+        # self.streams) makes streams due at the same tick act in the order a walk of
+        # self.streams would. Streams holding frames for their DAVE key (_blocked) are retried on
+        # every tick, as a walk retried them.
+        self._heap: list[tuple[float, int, int]] = []
+        self._scheduled: dict[int, float] = {}
+        self._ordinal: dict[int, int] = {}
+        self._blocked: set[int] = set()
+        self._rescan = False  # after pause/finish: the next tick schedules every stream afresh
 
     def __repr__(self) -> str:
         return f"<ReceiveSession {self.session_id} streams={len(self.streams)} held={len(self.unmapped)}>"
@@ -242,20 +254,61 @@ class ReceiveSession:
             now = self._now
         else:
             self._now = now
+        if self._rescan:
+            self._rescan = False
+            for stream in self.streams.values():
+                self._schedule(stream)
         self._attribute_unmapped(now)
         self._attribute_not_audio()
-        nxt = self._unmapped_deadline()
-        for stream in list(self.streams.values()):
-            stream.due(now)
-            t = stream.next_deadline()
-            if t < nxt:
-                nxt = t
-        self._next = nxt
+        heap, scheduled = self._heap, self._scheduled
+        due: dict[int, int] = {}  # SSRC -> ordinal of the streams to act on
+        while heap and heap[0][0] <= now:
+            t, ordinal, ssrc = heapq.heappop(heap)
+            if scheduled.get(ssrc) == t:
+                del scheduled[ssrc]
+                due[ssrc] = ordinal
+        for ssrc in self._blocked:
+            due[ssrc] = self._ordinal[ssrc]
+        if due:
+            streams = self.streams
+            for ssrc in sorted(due, key=due.__getitem__) if len(due) > 1 else due:
+                stream = streams[ssrc]
+                stream.due(now)
+                self._schedule(stream)
         return self.events
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work (it may find none, never misses any), or ``None``."""
-        return None if self._next == _INF else self._next
+        t = self._unmapped_deadline()
+        heap, scheduled = self._heap, self._scheduled
+        while heap and scheduled.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # superseded
+        if heap and heap[0][0] < t:
+            t = heap[0][0]
+        return None if t == _INF else t
+
+    def _schedule(self, stream: StreamState) -> None:
+        """Keep ``stream``'s entry in the deadline heap (and its DAVE hold) up to date."""
+        ssrc = stream.ssrc
+        if stream.pending:
+            self._blocked.add(ssrc)
+        else:
+            self._blocked.discard(ssrc)
+        t = stream.next_deadline()
+        scheduled = self._scheduled
+        if scheduled.get(ssrc, _INF) == t:
+            return
+        if t == _INF:
+            del scheduled[ssrc]
+            return
+        scheduled[ssrc] = t
+        heap = self._heap
+        heapq.heappush(heap, (t, self._ordinal[ssrc], ssrc))
+        if len(heap) > 4 * len(scheduled) + 64:
+            # superseded entries outnumber live ones: keep the live ones only (amortised O(1))
+            ordinal = self._ordinal
+            heap[:] = [(t, ordinal[s], s) for s, t in scheduled.items()]
+            heapq.heapify(heap)
 
     def drain(self) -> Events:
         """The events gathered so far; the session starts gathering afresh."""
@@ -271,7 +324,7 @@ class ReceiveSession:
             if stream.speaking:
                 stream.speaking = False
                 self.events.speaking.append((stream.user_id, False))
-        self._next = self._unmapped_deadline()
+        self._forget_deadlines()
         return self.events
 
     def resume(self) -> None:
@@ -279,6 +332,7 @@ class ReceiveSession:
         was discarded while paused is neither counted as lost nor concealed."""
         for stream in self.streams.values():
             stream.restart_jitter()
+            self._schedule(stream)
         self.paused = False
 
     def finish(self, now: float) -> Events:
@@ -289,8 +343,16 @@ class ReceiveSession:
         self._attribute_not_audio()
         for stream in list(self.streams.values()):
             stream.drain(now, final=True)
-        self._next = _INF
+        self._forget_deadlines()
         return self.events
+
+    def _forget_deadlines(self) -> None:
+        """Every stream was drained: none counts as due until the next tick looks again (as a
+        walk of them all did; a stream that stays speaking after finish stops on that tick)."""
+        self._heap.clear()
+        self._scheduled.clear()
+        self._blocked.clear()
+        self._rescan = True
 
     def decoded(
         self,
@@ -413,9 +475,6 @@ class ReceiveSession:
                 held.popleft()
                 self.unattributed["unknown-ssrc"] += 1
             held.append((header, payload, now))
-            t = held[0][2] + self.options.unmapped_hold + EPSILON
-            if t < self._next:
-                self._next = t
             return
         self._packet(header, payload, user_id, now)
 
@@ -430,10 +489,9 @@ class ReceiveSession:
         stream = self.streams.get(header.ssrc)
         if stream is None or stream.user_id != user_id:
             stream = self.streams[header.ssrc] = StreamState(self, header.ssrc, user_id, now)
+            self._ordinal.setdefault(header.ssrc, len(self._ordinal))
         stream.packet(header.sequence, header.timestamp, payload, now)
-        t = stream.next_deadline()
-        if t < self._next:
-            self._next = t
+        self._schedule(stream)
 
     def _probe(self, header: RtpHeader, user_id: int, now: float) -> None:
         """A padding-only packet (a bandwidth probe): no audio, dropped and counted.
@@ -447,9 +505,7 @@ class ReceiveSession:
         if stream is None or stream.user_id != user_id:
             return
         stream.probe(header.sequence, header.timestamp, now)
-        t = stream.next_deadline()
-        if t < self._next:
-            self._next = t
+        self._schedule(stream)
 
     def _rtcp(self, data: bytes) -> None:
         cipher = self.transport

@@ -9,12 +9,16 @@ have no key until the test says so.
 
 from __future__ import annotations
 
+import math
+import random
+from typing import Any
+
 import pytest
 
 from listening_core.crypto import OPUS_SILENCE, SUPPORTED_MODES, transport_cipher
 from listening_core.errors import DaveError
 from listening_core.rtp import RtpHeader
-from listening_core.session import ListenOptions, ReceiveSession
+from listening_core.session import Events, ListenOptions, ReceiveSession
 from listening_core.sinks import FRAME_SAMPLES, SAMPLE_RATE, FrameKind
 from listening_core.ssrc_map import SsrcMap
 from listening_core.unpacker import CONCEALED, OK
@@ -246,3 +250,158 @@ def test_time_never_goes_backwards() -> None:
     session.datagram(wire.rtp(SSRC_A, 0, 0, frame(0)), t - 0.001)
     out = session.tick(t + 0.06).frames
     assert [f.position for f, _ in out] == [at(t)]
+
+
+# -- the deadline heap ---------------------------------------------------------------------------
+
+
+class Walking(ReceiveSession):
+    """The session as it was before its deadline heap: each tick walks every stream, and the next
+    deadline is the earliest of them all. The reference the heap must agree with."""
+
+    def tick(self, now: float) -> Events:
+        if now < self._now:
+            now = self._now
+        else:
+            self._now = now
+        self._attribute_unmapped(now)
+        self._attribute_not_audio()
+        for stream in list(self.streams.values()):
+            stream.due(now)
+        return self.events
+
+    def next_deadline(self) -> float | None:
+        t = min([s.next_deadline() for s in self.streams.values()], default=math.inf)
+        t = min(t, self._unmapped_deadline())
+        return None if t == math.inf else t
+
+
+class Keys:
+    """A DAVE opener per session: some users' keys are missing for a while; one frame never opens."""
+
+    def __init__(self) -> None:
+        self.keyless: set[int] = set()
+
+    def decrypt(self, user_id: int, payload: bytes) -> bytes:
+        if payload.endswith(b"\xde\xad"):
+            raise DaveError("bad-tag", "never opens")
+        if user_id in self.keyless and payload != OPUS_SILENCE:
+            raise DaveError("no-key", "not yet")
+        return payload
+
+
+def _seen(events: Events) -> tuple[list[Any], list[Any], list[Any]]:
+    frames = [
+        (f.user_id, f.ssrc, f.sequence, f.timestamp, f.position, f.kind, f.opus, f.arrival, payload)
+        for f, payload in events.frames
+    ]
+    return frames, events.speaking, [(p.ssrc, p.user_id, p.data) for p in events.rtcp]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_deadline_heap_acts_exactly_as_a_walk_of_every_stream(seed: int) -> None:
+    """Many speakers (talk spurts, loss, reordering, duplicates, probes, SSRCs announced late,
+    DAVE keys missing for a while, a frame that never opens, pause and resume) fed to the heap
+    session and to a session that walks every stream: after every call both hand out the same
+    events, and both say the same next deadline."""
+    rng = random.Random(seed)
+    options = ListenOptions(dave_hold=0.3)
+    ssrcs, keys = SsrcMap(), (Keys(), Keys())
+    heap = ReceiveSession(options, T0, ssrcs, keys[0], transport=transport_cipher(SUPPORTED_MODES[0], KEY))
+    walk = Walking(options, T0, ssrcs, keys[1], transport=transport_cipher(SUPPORTED_MODES[0], KEY))
+    wire = Wire(SUPPORTED_MODES[0])
+    speakers = 40
+    users = {0x1000 + k: 500 + k for k in range(speakers)}
+    late = set(rng.sample(sorted(users), 8))  # announced after their first packets
+    for ssrc, user in users.items():
+        if ssrc not in late:
+            ssrcs.map(ssrc, user)
+    # each speaker's packets: spurts of 5..40 frames with pauses, some lost, reordered, doubled
+    arrivals: list[tuple[float, bytes]] = []
+    for ssrc in users:
+        t, seq = T0 + rng.uniform(0, 0.5), rng.randrange(65536)
+        ts = rng.randrange(1 << 32)
+        while t < T0 + 6.0:
+            for _ in range(rng.randint(5, 40)):
+                seq, ts, t = (seq + 1) & 0xFFFF, (ts + STEP) & 0xFFFFFFFF, t + 0.02
+                r = rng.random()
+                if r < 0.05:
+                    continue  # lost
+                opus = frame(seq) + (b"\xde\xad" if r > 0.995 else b"")
+                jitter = rng.expovariate(1 / 0.01) if r < 0.2 else rng.uniform(0, 0.002)
+                arrivals.append((t + jitter, wire.rtp(ssrc, seq, ts, opus)))
+                if r > 0.98:
+                    arrivals.append((t + 0.03, wire.rtp(ssrc, seq, ts, opus)))  # a duplicate
+                if 0.97 < r < 0.975:
+                    arrivals.append((t + 0.001, wire.rtp(ssrc, (seq + 1) & 0xFFFF, ts, b"", padding=40)))
+            t += rng.choice([0.05, 0.2, 0.5, 1.0])
+    arrivals.sort(key=lambda a: a[0])
+    # what happens besides datagrams: keys missing for a while, late announcements, a pause
+    chores: list[tuple[float, str, int]] = []
+    for user in rng.sample(sorted(users.values()), 10):
+        start = T0 + rng.uniform(0.5, 5.0)
+        chores += [(start, "keyless", user), (start + rng.uniform(0.01, 0.5), "key", user)]
+    chores += [(T0 + rng.uniform(0.1, 3.0), "announce", ssrc) for ssrc in late]
+    pause = T0 + rng.uniform(2.0, 4.0)
+    chores += [(pause, "pause", 0), (pause + 0.3, "resume", 0)]
+    chores.sort()
+
+    calls = stuck = 0
+    now = T0
+
+    def both(call: str, *args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        a, b = getattr(heap, call)(*args), getattr(walk, call)(*args)
+        if call in ("datagram", "tick", "pause", "finish"):
+            assert a is heap.events and b is walk.events
+        got, want = _seen(heap.drain()), _seen(walk.drain())
+        assert got == want, f"call {calls}: {call} at {now - T0:.6f}"
+        if call != "finish":
+            assert heap.next_deadline() == walk.next_deadline(), f"call {calls}: {call} at {now - T0:.6f}"
+
+    i = j = 0
+    while i < len(arrivals) or j < len(chores):
+        nxt = min(
+            arrivals[i][0] if i < len(arrivals) else math.inf, chores[j][0] if j < len(chores) else math.inf
+        )
+        due = heap.next_deadline()
+        if due is not None and due < nxt:
+            stuck = stuck + 1 if due <= now else 0
+            assert stuck < 50, f"a tick at {now - T0:.6f} leaves work due at once, again and again"
+            now = max(now, due)
+            both("tick", now)
+            continue
+        now = max(now, nxt)
+        if i < len(arrivals) and arrivals[i][0] == nxt:
+            both("datagram", arrivals[i][1], now)
+            i += 1
+            continue
+        _, what, arg = chores[j]
+        j += 1
+        if what == "keyless":
+            keys[0].keyless.add(arg), keys[1].keyless.add(arg)
+        elif what == "key":
+            keys[0].keyless.discard(arg), keys[1].keyless.discard(arg)
+        elif what == "announce":
+            ssrcs.map(arg, users[arg])
+        elif what == "pause":
+            both("pause", now)
+        else:
+            both("resume")
+    while (due := heap.next_deadline()) is not None:
+        stuck = stuck + 1 if due <= now else 0
+        assert stuck < 50, f"a tick at {now - T0:.6f} leaves work due at once, again and again"
+        now = max(now, due)
+        both("tick", now)
+    both("finish", now + 0.05)
+    assert calls > 5000
+    assert {u: s.as_dict() for u, s in heap.stats.items()} == {u: s.as_dict() for u, s in walk.stats.items()}
+    assert heap.unattributed == walk.unattributed
+    totals = [
+        sum(getattr(s, name) for s in heap.stats.values()) for name in ("lost", "dave_held", "dave_failures")
+    ]
+    assert all(totals), totals  # the run went through loss, DAVE holds and DAVE failures
+    assert len(heap.streams) == speakers
+    # the heap holds a bounded number of superseded entries
+    assert len(heap._heap) <= 4 * len(heap._scheduled) + 64
