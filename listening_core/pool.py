@@ -73,6 +73,8 @@ class AudioProcessPool:
         self._workers = [_Worker(i) for i in range(self.max_workers)]
         self._pins: dict[Hashable, int] = {}
         self._lock = threading.RLock()
+        self._answered = threading.Condition(self._lock)
+        """Notified (under the pool's lock) whenever a batch in flight is answered or failed."""
         self._batch_ids = 0
         self._closed = False
         self._stopped_collecting = False
@@ -81,6 +83,8 @@ class AudioProcessPool:
         self._reported: set[str] = set()
         self.restarts = 0
         """Workers replaced after they died, over the pool's life."""
+        self.wakeups = 0
+        """How many times the result thread woke up (diagnostics: an idle pool never wakes)."""
 
     def __enter__(self) -> AudioProcessPool:
         return self
@@ -190,6 +194,7 @@ class AudioProcessPool:
         while w.pending:
             _, future = w.pending.popleft()
             future.set_exception(WorkerDied(f"decoding worker {w.index} died with this batch in flight"))
+        self._answered.notify_all()
 
     # -- results -----------------------------------------------------------------------------
 
@@ -205,13 +210,22 @@ class AudioProcessPool:
             self._wakeup_w.send_bytes(b"")
 
     def _collect(self) -> None:
+        # Sleeps until a worker answers or dies, or the pool wakes it (a worker started, the pool
+        # stops): no timeout, so an idle pool's result thread never wakes.
         while True:
             with self._lock:
                 if self._stopped_collecting or (self._closed and not any(w.pending for w in self._workers)):
                     return
                 conns: dict[Any, _Worker] = {w.conn: w for w in self._workers if w.conn is not None}
                 sentinels = {w.process.sentinel: w for w in self._workers if w.process is not None}
-            ready = multiprocessing.connection.wait([self._wakeup_r, *conns, *sentinels], timeout=0.5)
+            try:
+                ready = multiprocessing.connection.wait([self._wakeup_r, *conns, *sentinels])
+            except (OSError, ValueError):
+                # a pipe another thread closed after the lists above were made (its worker died
+                # under a submit): woken by that death, the lists are made again
+                self.wakeups += 1
+                continue
+            self.wakeups += 1
             for obj in ready:
                 if obj is self._wakeup_r:
                     try:
@@ -219,7 +233,8 @@ class AudioProcessPool:
                     except (EOFError, OSError):
                         return
                 elif obj in conns:
-                    self._receive(conns[obj])
+                    w = conns[obj]
+                    self._receive(w, w.conn if w.conn is obj else None)
                 elif obj in sentinels:
                     w = sentinels[obj]
                     with self._lock:
@@ -236,11 +251,12 @@ class AudioProcessPool:
                     return
             except (EOFError, OSError):
                 return
-            self._receive(w)
+            self._receive(w, conn)
 
-    def _receive(self, w: _Worker) -> None:
-        conn = w.conn
-        if conn is None:
+    def _receive(self, w: _Worker, conn: multiprocessing.connection.Connection | None) -> None:
+        if conn is None or w.conn is not conn:
+            # its worker died since (the closed pipe woke the wait): a read would wait on the
+            # pipe of the worker that took the slot, which may have nothing to say
             return
         try:
             batch_id, answers = conn.recv()
@@ -254,6 +270,7 @@ class AudioProcessPool:
                 _log.error("decoding worker %d answered batch %s out of order", w.index, batch_id)
                 return
             _, future = w.pending.popleft()
+            self._answered.notify_all()
         if not isinstance(answers, BaseException):
             future.set_result(answers)
             return
@@ -277,8 +294,10 @@ class AudioProcessPool:
             workers = list(self._workers)
         deadline = time.monotonic() + timeout
         if wait:
-            while any(w.pending for w in workers) and time.monotonic() < deadline:
-                time.sleep(0.005)
+            with self._lock:  # the result thread notifies each answer (or death) it handles
+                self._answered.wait_for(
+                    lambda: not any(w.pending for w in workers), max(0.0, deadline - time.monotonic())
+                )
         # Stop the result thread first: it must not take the workers' exit for a death (and forget
         # them, w.process = None, under our feet), nor wait on sentinels we are about to close.
         self._stopped_collecting = True

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
+import time
 from concurrent.futures import wait
 
-from listening_core.pool import AudioProcessPool
+from listening_core.pool import AudioProcessPool, PoolClosed, WorkerDied
 from listening_core.unpacker import PLC
 
 
@@ -35,3 +39,63 @@ def test_a_flood_of_batches_does_not_deadlock() -> None:
         assert all(len(f.result()) == 30 for f in done)
     finally:
         pool.shutdown(wait=False)
+
+
+def test_an_idle_pool_never_wakes_its_result_thread() -> None:
+    # it woke every 0.5 s to look around, whatever happened
+    with AudioProcessPool(1) as pool:
+        pool.start(1)
+        worker = pool.worker_for("speaker")
+        pool.submit(worker, [("speaker", PLC, None, 960)]).result(10)
+        time.sleep(0.2)
+        before = pool.wakeups
+        time.sleep(1.6)
+        assert pool.wakeups == before, f"an idle pool's result thread woke {pool.wakeups - before} times"
+        # and it still wakes for an answer
+        assert len(pool.submit(worker, [("speaker", PLC, None, 960)]).result(10)) == 1
+
+
+def test_shutdown_returns_as_soon_as_the_batches_in_flight_are_answered() -> None:
+    pool = AudioProcessPool(1)
+    pool.start(1)
+    worker = pool.worker_for("speaker")
+    futures = [pool.submit(worker, [("speaker", PLC, None, 5760)] * 20) for _ in range(20)]
+    started = time.monotonic()
+    pool.shutdown(wait=True, timeout=30)
+    took = time.monotonic() - started
+    assert all(len(f.result(0)) == 20 for f in futures)  # answered, not failed with PoolClosed
+    assert took < 5, f"shutdown took {took:.2f} s"
+
+
+def test_shutdown_waits_no_longer_than_its_timeout_for_a_stuck_worker() -> None:
+    pool = AudioProcessPool(1)
+    pool.start(1)
+    worker = pool.worker_for("speaker")
+    (pid,) = pool.processes
+    os.kill(pid, signal.SIGSTOP)  # never answers
+    try:
+        future = pool.submit(worker, [("speaker", PLC, None, 960)])
+        started = time.monotonic()
+        pool.shutdown(wait=True, timeout=0.5)
+        took = time.monotonic() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert isinstance(future.exception(0), PoolClosed)
+    assert 0.4 < took < 3.0, f"shutdown(timeout=0.5) took {took:.2f} s"
+
+
+def test_a_killed_worker_fails_its_batches_at_once() -> None:
+    with AudioProcessPool(1) as pool:
+        pool.start(1)
+        worker = pool.worker_for("speaker")
+        (pid,) = pool.processes
+        os.kill(pid, signal.SIGSTOP)
+        future = pool.submit(worker, [("speaker", PLC, None, 960)])
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        assert isinstance(future.exception(5), WorkerDied)
+        assert time.monotonic() - killed < 1.0
+        # a new worker takes the slot
+        assert len(pool.submit(worker, [("speaker", PLC, None, 960)]).result(10)) == 1
+        assert pool.restarts == 1
