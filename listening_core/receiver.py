@@ -152,6 +152,8 @@ class AudioReceiver(threading.Thread):
         self._stopping = threading.Event()
         self._closed = False
         self._finished = threading.Event()
+        self._finished_lock = threading.Lock()
+        self._finished_callbacks: list[Callable[[], None]] = []
         # datagrams (data, arrival, cipher) and pause/resume, in arrival order; any thread appends
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         # decoded batches (frames, future), from the pool's result thread
@@ -219,6 +221,32 @@ class AudioReceiver(threading.Thread):
     def finished(self) -> threading.Event:
         """Set once the sink was cleaned up and ``after`` was called."""
         return self._finished
+
+    def when_finished(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` once :attr:`finished` is set (now, if it is), on the thread that
+        sets it; returns a function that forgets it (for a waiter that gave up). ``callback``
+        must not raise, nor wait."""
+        with self._finished_lock:
+            if not self._finished.is_set():
+                self._finished_callbacks.append(callback)
+
+                def forget() -> None:
+                    with self._finished_lock, contextlib.suppress(ValueError):
+                        self._finished_callbacks.remove(callback)
+
+                return forget
+        callback()
+        return lambda: None
+
+    def _set_finished(self) -> None:
+        with self._finished_lock:
+            self._finished.set()
+            callbacks, self._finished_callbacks = self._finished_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                _log.exception("listening session %d: a when_finished callback raised", self.session_id)
 
     def pause(self) -> None:
         """Discard audio from now on (what is pending is delivered); the timeline keeps running."""
@@ -512,15 +540,15 @@ class AudioReceiver(threading.Thread):
             except Exception:
                 _log.exception("the after callback of listen() raised")
             finally:
-                self._finished.set()
+                self._set_finished()
 
         if loop.is_closed():
-            self._finished.set()
+            self._set_finished()
             return
         try:
             loop.call_soon_threadsafe(call)
         except RuntimeError:  # the loop is closing
-            self._finished.set()
+            self._set_finished()
 
     # -- helpers ----------------------------------------------------------------------------------
 

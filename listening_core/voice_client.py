@@ -323,12 +323,24 @@ class VoiceClient(discord.VoiceClient):
         )
         if receiver is None:
             return
+        if receiver.finished.is_set():
+            return
+        # Woken by the session itself, not polled, and with no thread blocked on its behalf (one
+        # could outlive the loop): the thread that finishes the session schedules the wake-up.
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while not receiver.finished.is_set():  # polled: a thread blocked in wait() could outlive the loop
-            if deadline is not None and loop.time() > deadline:
-                raise TimeoutError(f"the previous listening session did not finish within {timeout} s")
-            await asyncio.sleep(0.01)
+        done: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # this loop closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(_resolve, done)
+
+        forget = receiver.when_finished(wake)
+        try:
+            await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"the previous listening session did not finish within {timeout} s") from None
+        finally:
+            forget()
 
     def listening_stats(self) -> dict[int, UserStats]:
         """Per-user statistics of the current (or last) listening session, by user id."""
@@ -385,6 +397,11 @@ class VoiceClient(discord.VoiceClient):
         self._reading = False  # discord.py dropped its socket listeners
         with contextlib.suppress(TimeoutError):
             await self.wait_for_listen_ready(timeout=15.0)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _Link:

@@ -8,7 +8,10 @@
   without the lock the other threads held, and an increment of ``concealed`` could be lost. The
   test parks the result thread in the middle of its increment while the session conceals a lost
   frame, which lost one deterministically;
-- an idle session's receiver thread sleeps: it used to wake every 5 ms whatever happened.
+- an idle session's receiver thread sleeps: it used to wake every 5 ms whatever happened; so does
+  its pool's result thread, which woke every 0.5 s;
+- ``wait_for_listen_ready`` is woken by the session's end (it polled every 10 ms) and keeps its
+  timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 from listening_core import AudioFrame, AudioSink, FrameKind
 from listening_core.crypto import OPUS_SILENCE, transport_cipher
+from listening_core.pool import AudioProcessPool
 from listening_core.receiver import UserStats
 from listening_core.rtp import RtpHeader
 from listening_core.sinks import FRAME_SAMPLES
@@ -189,4 +193,63 @@ async def test_an_idle_session_sleeps() -> None:
             await _stop(vc)
             assert woke <= 10, f"an idle session's receiver thread woke {woke} times in 2 s"
         finally:
+            await close_client(client)
+
+
+async def test_an_idle_session_wakes_neither_the_receiver_nor_the_pools_result_thread() -> None:
+    # the pool's result thread woke every 0.5 s whatever happened
+    pool = AudioProcessPool(1)
+    pool.start(1)
+    async with LocalDiscord() as local:
+        alice = local.add_member("alice")
+        await alice.join()
+        client, vc = await join_voice(local)
+        try:
+            await asyncio.sleep(0.3)
+            vc.listen(Kinds(), pool=pool)
+            receiver = vc._receiver
+            await asyncio.sleep(0.5)
+            before = receiver.wakeups, pool.wakeups
+            await asyncio.sleep(2.0)
+            woke = receiver.wakeups - before[0], pool.wakeups - before[1]
+            await _stop(vc)
+            assert woke[0] <= 10, f"an idle session's receiver thread woke {woke[0]} times in 2 s"
+            assert woke[1] == 0, f"an idle session's pool result thread woke {woke[1]} times in 2 s"
+        finally:
+            pool.shutdown()
+            await close_client(client)
+
+
+async def test_wait_for_listen_ready_wakes_when_the_session_finishes_and_keeps_its_timeout() -> None:
+    release = threading.Event()
+
+    class SlowCleanup(Kinds):
+        wants_pcm = False
+
+        def cleanup(self) -> None:
+            release.wait(10)
+
+    async with LocalDiscord() as local:
+        alice = local.add_member("alice")
+        await alice.join()
+        client, vc = await join_voice(local)
+        try:
+            vc.listen(SlowCleanup())
+            receiver = vc._receiver
+            vc.stop_listening()
+            try:
+                await vc.wait_for_listen_ready(timeout=0.3)
+            except TimeoutError:
+                timed_out = True
+            else:
+                timed_out = False
+            assert timed_out and not receiver.finished.is_set()
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.2, release.set)
+            started = loop.time()
+            await vc.wait_for_listen_ready(timeout=10)
+            assert receiver.finished.is_set() and loop.time() - started < 2.0
+            await vc.wait_for_listen_ready(timeout=0)  # finished: returns at once
+        finally:
+            release.set()
             await close_client(client)
