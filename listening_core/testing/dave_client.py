@@ -104,9 +104,11 @@ class RecognisedUsers:
         return self.handle_json(message.opcode, message.json or {})
 
     def handle_json(self, opcode: int, data: dict[str, Any]) -> list[ClientMessage]:
+        """A JSON DAVE opcode (11, 13, 21, 22, 24); each client answers as its library does."""
         raise NotImplementedError
 
     def handle_binary(self, opcode: int, payload: bytes) -> list[ClientMessage]:
+        """A binary DAVE opcode (25, 27, 29, 30); each client answers as its library does."""
         raise NotImplementedError
 
 
