@@ -40,15 +40,6 @@ class Dave:
         return dave_decrypt(self.session, user_id, payload, protocol_version=1)
 
 
-def _client(user_id: int) -> DaveClient:
-    # The group's MLS membership rules are the loopback's business, not these tests': where the
-    # loopback client checks Add proposals against the users op 11 announced, it is told not to.
-    try:
-        return DaveClient(user_id, CHANNEL, enforce_recognised=False)  # type: ignore[call-arg,unused-ignore]
-    except TypeError:
-        return DaveClient(user_id, CHANNEL)
-
-
 def dave_group() -> dict[int, DaveClient]:
     """The bot, Alice and Bob in one DAVE group, formed as the voice gateway forms it."""
     group = DaveGroup(CHANNEL)
@@ -62,7 +53,7 @@ def dave_group() -> dict[int, DaveClient]:
                 replies.extend((msg.user_id, reply) for reply in client.handle(msg))
 
     for uid in (BOT, ALICE, BOB):
-        client = clients[uid] = _client(uid)
+        client = clients[uid] = DaveClient(uid, CHANNEL)  # as discord.py: no op 11 check
         key_package = client.session_description(1)
         deliver(group.join(uid))
         replies.extend((uid, m) for m in key_package)
