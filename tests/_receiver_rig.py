@@ -40,9 +40,12 @@ class Dave:
         return dave_decrypt(self.session, user_id, payload, protocol_version=1)
 
 
-def dave_group() -> dict[int, DaveClient]:
-    """The bot, Alice and Bob in one DAVE group, formed as the voice gateway forms it."""
-    group = DaveGroup(CHANNEL)
+def dave_group(
+    channel: int = CHANNEL, user_ids: tuple[int, ...] = (BOT, ALICE, BOB)
+) -> dict[int, DaveClient]:
+    """``user_ids`` (default the bot, Alice and Bob) in one DAVE group on ``channel``, formed as the
+    voice gateway forms it (the loopback's MLS external sender)."""
+    group = DaveGroup(channel)
     clients: dict[int, DaveClient] = {}
     replies: collections.deque[tuple[int, ClientMessage]] = collections.deque()
 
@@ -52,8 +55,8 @@ def dave_group() -> dict[int, DaveClient]:
             if client is not None:
                 replies.extend((msg.user_id, reply) for reply in client.handle(msg))
 
-    for uid in (BOT, ALICE, BOB):
-        client = clients[uid] = DaveClient(uid, CHANNEL)  # as discord.py: no op 11 check
+    for uid in user_ids:
+        client = clients[uid] = DaveClient(uid, channel)  # as discord.py: no op 11 check
         key_package = client.session_description(1)
         deliver(group.join(uid))
         replies.extend((uid, m) for m in key_package)

@@ -50,13 +50,13 @@ import nacl.bindings
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from listening_core.crypto import OPUS_SILENCE, SUPPORTED_MODES, dave_decrypt, transport_cipher
+from listening_core.crypto import OPUS_SILENCE, SUPPORTED_MODES, transport_cipher
 from listening_core.rtp import RtcpHeader, RtpHeader, build_extension_body, seq_diff
 from listening_core.session import MAX_UNMAPPED, ListenOptions, ReceiveSession
 from listening_core.sinks import SAMPLE_RATE, AudioFrame, AudioSink, FrameKind, RtcpPacket
 from listening_core.ssrc_map import SsrcMap
-from listening_core.testing.dave_client import ClientMessage, DaveClient
-from listening_core.testing.dave_group import DaveGroup, Outgoing
+from listening_core.testing.dave_client import DaveClient
+from tests._receiver_rig import Dave, dave_group
 
 AES, XCHACHA = SUPPORTED_MODES
 DATAGRAMS = int(os.environ.get("LISTENING_FUZZ_DATAGRAMS", str(10**6)))
@@ -83,41 +83,12 @@ SEQ0 = 65535 - 30  # and so do her sequence numbers
 
 
 def _dave_group() -> dict[int, DaveClient]:
-    """Form the group the way the voice gateway does (the loopback's MLS external sender)."""
-    group = DaveGroup(CHANNEL)
-    clients: dict[int, DaveClient] = {}
-    replies: collections.deque[tuple[int, ClientMessage]] = collections.deque()
-
-    def deliver(out: list[Outgoing]) -> None:
-        for msg in out:
-            client = clients.get(msg.user_id)
-            if client is not None:
-                replies.extend((msg.user_id, reply) for reply in client.handle(msg))
-
-    for uid in (BOT, ALICE, MALLORY):
-        client = clients[uid] = DaveClient(uid, CHANNEL)
-        key_package = client.session_description(1)
-        deliver(group.join(uid))
-        replies.extend((uid, m) for m in key_package)
-        while replies:
-            sender, reply = replies.popleft()
-            deliver(group.receive(sender, reply))
-    assert all(c.ready for c in clients.values())
+    clients = dave_group(CHANNEL, (BOT, ALICE, MALLORY))
     assert clients[BOT].group_user_ids() >= {ALICE, MALLORY}
     return clients
 
 
 # -- the voice client and the sink ----------------------------------------------------------------
-
-
-class Dave:
-    """Opens DAVE frames with the bot's session of the group (DAVE protocol version 1)."""
-
-    def __init__(self, session: Any) -> None:
-        self.session = session
-
-    def decrypt(self, user_id: int, payload: bytes) -> bytes:
-        return dave_decrypt(self.session, user_id, payload, protocol_version=1)
 
 
 @dataclass
