@@ -21,6 +21,10 @@ speak alice en-us+f3 70 160 "The quick brown fox jumps over the lazy dog."
 speak bob en-gb 30 150 "Testing one two three, can you hear me?"
 speak carol en-gb-x-rp+f2 60 170 "Recording has started in the voice channel."
 speak dave en-us+m3 40 140 "Seven silver spoons sat on the table."
+# the transcription tests' meeting: plain sentences whose words a small speech model knows
+speak meeting-alice en-us+f3 70 160 "Please send the weekly report to the whole team."
+speak meeting-bob en-gb 30 150 "The meeting will start again after a short break."
+speak meeting-carol en-gb-x-rp+f2 60 170 "We need a bigger room for the next workshop."
 
 # three-phrases: 0.2 s of zeros, three phrases with their edges trimmed hard (-40 dBFS, no pad) and
 # exactly 1.0 s of zeros between them, 0.2 s of zeros at the end.
