@@ -21,14 +21,24 @@ spellings ``listening_core.plugins.UnknownSinkError``, ``listening_core.opus.Opu
     ├── SinkError                         a sink failed (listening_core.sinks)
     ├── LibopusNotFound, OpusError        decoding (listening_core.opus)
     ├── WorkerDied, PoolClosed            the decoding pool (listening_core.pool)
-    ├── ListeningStateError (RuntimeError)  listen() and friends called in the wrong state
+    ├── ListeningStateError (discord.ClientException, RuntimeError)
+    │                                     listen() and friends called in the wrong state
     └── ListeningInterrupted              the session ended with the voice connection
+
+:class:`ListeningStateError` is the one misuse of the API in the sense of discord.py's
+``ClientException`` (``"Already playing audio."``, ``"Not connected to voice."``): a bot's
+``except discord.ClientException`` catches it with discord.py's own. It is made on first use,
+so that the decoding workers, which import this module, never import discord.py. Bad arguments
+stay ``ValueError``/``LookupError`` (:class:`OptionsError`, :class:`UnknownSinkError`), as in
+discord.py.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "DaveError",
@@ -56,8 +66,36 @@ class ListeningError(Exception):
     """Base class of every error raised by listening-core."""
 
 
-class ListeningStateError(ListeningError, RuntimeError):
-    """``listen`` and friends were called in a state that does not allow it (the message says why)."""
+_STATE_ERROR_DOC = """``listen`` and friends were called in a state that does not allow it (the message says why).
+
+A :class:`discord.ClientException` (and a :class:`RuntimeError`), like discord.py's own errors
+for a voice client in the wrong state."""
+
+if TYPE_CHECKING:
+    from discord import ClientException
+
+    class ListeningStateError(ListeningError, ClientException, RuntimeError):
+        """``listen`` and friends were called in a state that does not allow it."""
+
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name == "ListeningStateError":
+            return _state_error()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _state_error() -> type[Exception]:
+    """:class:`ListeningStateError`, made (once) on first use: its base is discord.py's."""
+    from discord import ClientException
+
+    error = type(
+        "ListeningStateError",
+        (ListeningError, ClientException, RuntimeError),
+        {"__doc__": _STATE_ERROR_DOC, "__module__": __name__},
+    )
+    return error
 
 
 class ListeningInterrupted(ListeningError):
