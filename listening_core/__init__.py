@@ -23,10 +23,14 @@ __all__ = [
     "AudioSink",
     "AudioUnpacker",
     "FrameKind",
+    "FrameStream",
     "ListenOptions",
     "ListeningError",
     "ListeningInterrupted",
     "ListeningStateError",
+    "LiveSink",
+    "PcmChunk",
+    "PcmStream",
     "RtcpPacket",
     "UserStats",
     "VoiceClient",
@@ -36,6 +40,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .errors import ListeningError, ListeningInterrupted, ListeningStateError
     from .frames import AudioFrame, FrameKind, RtcpPacket
+    from .live import FrameStream, LiveSink, PcmChunk, PcmStream
     from .pool import AudioProcessPool
     from .receiver import AudioReceiver
     from .session import ListenOptions, UserStats
@@ -54,10 +59,14 @@ _LAZY = {
     "AudioSink": ".sinks",
     "AudioUnpacker": ".unpacker",
     "FrameKind": ".frames",
+    "FrameStream": ".live",
     "ListenOptions": ".session",
     "ListeningError": ".errors",
     "ListeningInterrupted": ".errors",
     "ListeningStateError": ".errors",
+    "LiveSink": ".live",
+    "PcmChunk": ".live",
+    "PcmStream": ".live",
     "RtcpPacket": ".frames",
     "UserStats": ".session",
     "VoiceClient": ".voice_client",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import struct
@@ -36,6 +37,7 @@ from discord.voice_state import VoiceConnectionState
 from .connection import DAVE_KEY_RETENTION as DAVE_KEY_RETENTION
 from .connection import ConnectionDave, _ConnectionState
 from .errors import ListeningInterrupted, ListeningStateError
+from .live import OVERFLOW_REASON, live_overflow
 from .pool import AudioProcessPool
 from .receiver import AudioReceiver, ListenOptions, UserStats
 from .sinks import AudioSink, MultiSink, _unused_name
@@ -343,9 +345,20 @@ class VoiceClient(discord.VoiceClient):
             forget()
 
     def listening_stats(self) -> dict[int, UserStats]:
-        """Per-user statistics of the current (or last) listening session, by user id."""
+        """Per-user statistics of the current (or last) listening session, by user id.
+
+        Frames a live stream (:class:`~listening_core.live.LiveSink`) dropped because its
+        consumer fell behind are counted in ``dropped["stream-overflow"]``."""
         receiver = self._receiver or self._last_receiver
-        return dict(receiver.stats) if receiver is not None else {}
+        if receiver is None:
+            return {}
+        stats = dict(receiver.stats)
+        for user_id, count in live_overflow(receiver.sink).items():
+            before = stats.get(user_id) or UserStats()
+            dropped = before.dropped.copy()
+            dropped[OVERFLOW_REASON] += count
+            stats[user_id] = dataclasses.replace(before, dropped=dropped)  # the session's own untouched
+        return stats
 
     def _end_session(self, reason: str, message: str) -> None:
         """End the listening session because the voice connection ended or moved (``after`` hears
