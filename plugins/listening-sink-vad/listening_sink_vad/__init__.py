@@ -18,6 +18,10 @@ flushed) to the JSON-lines manifest, and ``on_segment(segment)`` is called. Time
 the session timeline (0 = when ``listen`` started). An utterance still open when the session
 stops is finished at cleanup.
 
+In the event loop, :meth:`VadSegmentsSink.utterances` gives the same utterances as an async
+iterator of :class:`Utterance` (the segment, the member, its PCM):
+``async with sink.utterances() as utterances: async for u in utterances: ...``.
+
 ``on_segment`` runs on the session's delivery thread, which also hands every other frame to the
 sink: it must return quickly (hand the segment to a queue, an executor or
 ``loop.call_soon_threadsafe``). An exception from it is logged and counted in
@@ -32,16 +36,18 @@ up to the kill, less the hangover: :func:`recover` fixes its header from its len
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
 import math
 import os
 import pathlib
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -59,7 +65,18 @@ from listening_core.sinks import (
     safe_filename,
 )
 
-__all__ = ["Segment", "VadOptions", "VadSegmentsSink", "listening_sinks", "recover"]
+if TYPE_CHECKING:
+    import discord
+
+__all__ = [
+    "Segment",
+    "Utterance",
+    "UtteranceStream",
+    "VadOptions",
+    "VadSegmentsSink",
+    "listening_sinks",
+    "recover",
+]
 __version__ = "0.1.0.dev0"
 
 _log = logging.getLogger(__name__)
@@ -112,6 +129,130 @@ class Segment:
         line = asdict(self)
         del line["path"]
         return line
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One finished utterance, as :meth:`VadSegmentsSink.utterances` hands it out.
+
+    Times are seconds on the session timeline (0 = when ``listen`` started), the segment's own.
+    """
+
+    segment: Segment
+    """What was written to disk and to the manifest."""
+    member: discord.Member | None = field(repr=False, compare=False)
+    """The speaker (``None`` when the guild does not know them: see :attr:`user_id`)."""
+    pcm: bytes = field(repr=False)
+    """The segment file's audio: mono s16le at :attr:`sample_rate`, lead-in and tail included."""
+
+    @property
+    def user_id(self) -> int:
+        """The speaker's user id."""
+        return self.segment.user_id
+
+    @property
+    def start(self) -> float:
+        """Session seconds of the first sample of :attr:`pcm`."""
+        return self.segment.start
+
+    @property
+    def end(self) -> float:
+        """Session seconds just after the last sample of :attr:`pcm`."""
+        return self.segment.end
+
+    @property
+    def speech_start(self) -> float:
+        """Session seconds where the speech starts (after the lead-in)."""
+        return self.segment.speech_start
+
+    @property
+    def speech_end(self) -> float:
+        """Session seconds where the speech ends (before the tail)."""
+        return self.segment.speech_end
+
+    @property
+    def sample_rate(self) -> int:
+        """Hz of :attr:`pcm` (the sink's ``sample_rate``)."""
+        return self.segment.sample_rate
+
+
+_END = object()  # the session ended: after the last utterance
+
+
+class UtteranceStream:
+    """``async for utterance in sink.utterances()``: finished :class:`Utterance`\\s in the order
+    they finished, in the event loop it was opened in.
+
+    The delivery thread never waits for it: it holds at most ``maxsize`` utterances and, when its
+    consumer falls behind, drops the oldest (counted per user in
+    :attr:`VadSegmentsSink.utterances_dropped`, logged at WARNING the first time for each user;
+    the files and the manifest keep everything). When the session ends, what it holds is handed
+    out, then iteration stops. It is an async context manager too: leaving it closes the stream.
+    """
+
+    def __init__(self, sink: VadSegmentsSink, maxsize: int) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f"maxsize must be a whole number of utterances >= 1, got {maxsize!r}")
+        self._loop = asyncio.get_running_loop()  # raises outside the event loop
+        self._sink = sink
+        self.maxsize = maxsize
+        self._queue: collections.deque[Utterance] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self._closed = False
+
+    def _put(self, item: Any) -> None:  # in the loop
+        if self._closed:
+            return
+        if item is _END:
+            self._ended = True
+        else:
+            self._queue.append(item)
+            if len(self._queue) > self.maxsize:
+                self._sink._dropped(self._queue.popleft())
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _post(self, item: Any) -> None:  # the delivery thread
+        try:
+            self._loop.call_soon_threadsafe(self._put, item)
+        except RuntimeError:  # the loop closed: nobody is left to consume
+            self._closed = True
+
+    def close(self) -> None:
+        """Stop receiving utterances; iteration ends."""
+        if not self._closed:
+            self._closed = True
+            self._sink._streams.discard(self)
+            self._queue.clear()
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def aclose(self) -> None:
+        """:meth:`close`, as an async generator has it."""
+        self.close()
+
+    def __aiter__(self) -> UtteranceStream:
+        return self
+
+    async def __anext__(self) -> Utterance:
+        while not self._queue:
+            if self._ended or self._closed:
+                raise StopAsyncIteration
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self._queue.popleft()
+
+    async def __aenter__(self) -> UtteranceStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -198,6 +339,7 @@ class _UserState:
     def __init__(self, user_id: int, vad: Any) -> None:
         self.user_id = user_id
         self.name = str(user_id)
+        self.member: Any = None
         self.vad = vad
         self.partial = np.zeros(0, dtype=np.int16)  # mono samples of an incomplete VAD frame
         self.next_pos: int | None = None  # session sample just after the last sample received
@@ -228,6 +370,10 @@ class VadSegmentsSink(AudioHandlingSink):
         self.discarded = 0
         """Utterances dropped for having less than ``min_speech_ms`` of speech."""
         self.callback_errors = 0
+        self.utterances_dropped: collections.Counter[int] = collections.Counter()
+        """Utterances dropped from :meth:`utterances` streams whose consumer fell behind, by user id."""
+        self._streams: weakref.WeakSet[UtteranceStream] = weakref.WeakSet()
+        self._streams_ended = False
         self._users: dict[int, _UserState] = {}
         # never a segment named like the manifest
         self._namer = FileNamer(
@@ -237,6 +383,43 @@ class VadSegmentsSink(AudioHandlingSink):
         self._manifest: Any = None
         self._failed: BaseException | None = None
         self._closed = False
+
+    # -- the async stream
+
+    def utterances(self, *, maxsize: int = 100) -> UtteranceStream:
+        """Finished utterances as an async iterator in the running event loop (see
+        :class:`UtteranceStream`): the ones that finish from now on, until the session ends."""
+        stream = UtteranceStream(self, maxsize)
+        if self._streams_ended:
+            stream._put(_END)
+        else:
+            self._streams.add(stream)
+        return stream
+
+    def _dropped(self, utterance: Utterance) -> None:
+        user_id = utterance.user_id
+        self.utterances_dropped[user_id] += 1
+        if self.utterances_dropped[user_id] == 1:
+            _log.warning(
+                "vad-segments: an utterance stream's consumer fell behind: the oldest utterances of "
+                "user %d are dropped from it (the files and the manifest keep them; counted in "
+                "VadSegmentsSink.utterances_dropped)",
+                user_id,
+            )
+
+    def _stream_out(self, segment: Segment, member: Any) -> None:
+        streams = list(self._streams)
+        if not streams:
+            return
+        utterance = Utterance(segment, member, segment.pcm)  # read back once, on this thread
+        for stream in streams:
+            stream._post(utterance)
+
+    def _end_streams(self) -> None:
+        self._streams_ended = True
+        for stream in list(self._streams):
+            stream._post(_END)
+        self._streams = weakref.WeakSet()
 
     # -- lifecycle
 
@@ -275,6 +458,7 @@ class VadSegmentsSink(AudioHandlingSink):
             )
         if frame.member is not None:
             state.name = frame.member.display_name
+            state.member = frame.member
         stereo = np.frombuffer(frame.pcm, dtype="<i2").reshape(-1, 2).astype(np.int32)
         mono = ((stereo[:, 0] + stereo[:, 1]) >> 1).astype(np.int16)
         pos = frame.position
@@ -301,15 +485,18 @@ class VadSegmentsSink(AudioHandlingSink):
             return
         self._closed = True
         errors: list[BaseException] = []
-        for state in self._users.values():
-            try:
-                if self._failed is None:
-                    self._finish(state)
-                else:
+        try:
+            for state in self._users.values():
+                try:
+                    if self._failed is None:
+                        self._finish(state)
+                    else:
+                        self._abandon(state)
+                except Exception as exc:
+                    errors.append(exc)
                     self._abandon(state)
-            except Exception as exc:
-                errors.append(exc)
-                self._abandon(state)
+        finally:
+            self._end_streams()
         if self._manifest is not None:
             try:
                 self._manifest.close()
@@ -480,6 +667,7 @@ class VadSegmentsSink(AudioHandlingSink):
             self._failed = exc
             raise SinkError(f"vad-segments: writing the manifest {self.manifest_path} failed: {exc}") from exc
         self.segments.append(segment)
+        self._stream_out(segment, state.member)
         callback = self.options.on_segment
         if callback is not None:
             try:
