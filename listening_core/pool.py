@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import selectors
 import threading
 import time
 from collections.abc import Hashable
@@ -211,37 +212,70 @@ class AudioProcessPool:
 
     def _collect(self) -> None:
         # Sleeps until a worker answers or dies, or the pool wakes it (a worker started, the pool
-        # stops): no timeout, so an idle pool's result thread never wakes.
-        while True:
-            with self._lock:
-                if self._stopped_collecting or (self._closed and not any(w.pending for w in self._workers)):
-                    return
-                conns: dict[Any, _Worker] = {w.conn: w for w in self._workers if w.conn is not None}
-                sentinels = {w.process.sentinel: w for w in self._workers if w.process is not None}
-            try:
-                ready = multiprocessing.connection.wait([self._wakeup_r, *conns, *sentinels])
-            except (OSError, ValueError):
-                # a pipe another thread closed after the lists above were made (its worker died
-                # under a submit): woken by that death, the lists are made again
-                self.wakeups += 1
-                continue
-            self.wakeups += 1
-            for obj in ready:
-                if obj is self._wakeup_r:
-                    try:
-                        self._wakeup_r.recv_bytes()
-                    except (EOFError, OSError):
+        # stops): no timeout, so an idle pool's result thread never wakes. The selector is kept
+        # while the set of pipes stays the same (making one per wait cost more than the answer).
+        selector: selectors.BaseSelector | None = None
+        watched: dict[Any, _Worker] = {}
+        try:
+            while True:
+                with self._lock:
+                    if self._stopped_collecting or (
+                        self._closed and not any(w.pending for w in self._workers)
+                    ):
                         return
-                elif obj in conns:
-                    w = conns[obj]
-                    self._receive(w, w.conn if w.conn is obj else None)
-                elif obj in sentinels:
-                    w = sentinels[obj]
-                    with self._lock:
-                        if w.conn is not None and w.conn in conns:
-                            self._drain(w)
-                        if w.process is not None and not w.process.is_alive():
-                            self._worker_died(w)
+                    wanted: dict[Any, _Worker] = {}
+                    for w in self._workers:
+                        if w.conn is not None:
+                            wanted[w.conn] = w
+                        if w.process is not None:
+                            wanted[w.process.sentinel] = w
+                if selector is None or wanted.keys() != watched.keys():
+                    # made afresh whenever a pipe comes or goes: a closed descriptor's number may
+                    # be reused by the next worker's
+                    if selector is not None:
+                        selector.close()
+                    selector = selectors.DefaultSelector()
+                    selector.register(self._wakeup_r, selectors.EVENT_READ)
+                    watched = {}
+                    for obj, w in wanted.items():
+                        try:
+                            selector.register(obj, selectors.EVENT_READ)
+                        except (ValueError, OSError):  # closed since the lists were made
+                            continue
+                        watched[obj] = w
+                try:
+                    ready = [key.fileobj for key, _ in selector.select()]
+                except (OSError, ValueError):
+                    # a pipe another thread closed after the lists above were made (its worker
+                    # died under a submit): woken by that death, the lists are made again
+                    self.wakeups += 1
+                    selector.close()
+                    selector = None
+                    continue
+                self.wakeups += 1
+                for obj in ready:
+                    if obj is self._wakeup_r:
+                        try:
+                            while self._wakeup_r.poll():
+                                self._wakeup_r.recv_bytes()
+                        except (EOFError, OSError):
+                            return
+                        continue
+                    worker = watched.get(obj)
+                    if worker is None:
+                        continue
+                    if isinstance(obj, int):  # a sentinel: the process ended
+                        with self._lock:
+                            if worker.conn is not None and worker.conn in watched:
+                                self._drain(worker)
+                            if worker.process is not None and not worker.process.is_alive():
+                                self._worker_died(worker)
+                    else:
+                        # (a conn whose worker died since is not read: see _receive)
+                        self._receive(worker, obj if worker.conn is obj else None)
+        finally:
+            if selector is not None:
+                selector.close()
 
     def _drain(self, w: _Worker) -> None:
         conn = w.conn
