@@ -29,7 +29,7 @@ from typing import Literal
 from . import __version__, plugins
 from .errors import _pip_install
 from .hookspecs import ENTRY_POINT_GROUP
-from .opus import LIBOPUS_ENV, LibopusNotFound, libopus_version, load_libopus
+from .opus import LIBOPUS_ENV, LibopusNotFound, LibopusSource, find_libopus, libopus_version, load_libopus
 from .plugins import InvalidPluginError, SinkRegistry
 
 __all__ = [
@@ -265,8 +265,10 @@ def check_module(
 def check_libopus(
     load: Callable[[], object] = load_libopus,
     version: Callable[[], str] = libopus_version,
+    source: Callable[[], LibopusSource] = find_libopus,
 ) -> list[CheckResult]:
-    """Load libopus the way the decoder does (honouring ``LISTENING_CORE_LIBOPUS``)."""
+    """Load libopus the way the decoder does, and say which library it is and where it comes from
+    (``LISTENING_CORE_LIBOPUS``, discord.py's, or the system's: :func:`~listening_core.opus.find_libopus`)."""
     try:
         lib = load()
         found = version()
@@ -283,7 +285,10 @@ def check_libopus(
             fix = install
         return [CheckResult("libopus", "missing", message, fix)]
     where = getattr(lib, "_name", None)
-    return [CheckResult("libopus", "ok", f"{found} ({where})" if where else found)]
+    chosen = source()
+    if where is None or where == chosen.name:
+        return [CheckResult("libopus", "ok", f"{found} ({chosen.name}, {chosen.origin})")]
+    return [CheckResult("libopus", "ok", f"{found} ({where})")]
 
 
 _CIPHER_NEEDS = {

@@ -5,8 +5,12 @@ Decoding is the real cost of the receive pipeline (see ``docs/voice-protocol.md`
 are declared once per loaded library, each decoder owns one preallocated output buffer, and a
 decode costs one foreign call plus one :func:`ctypes.string_at` copy into the returned ``bytes``.
 
-libopus is the system's (``libopus0`` on Debian/Ubuntu); :func:`load_libopus` finds it, or takes
-the path in the ``LISTENING_CORE_LIBOPUS`` environment variable.
+Which libopus: the one discord.py uses, so that a bot needs no set-up beyond discord.py's.
+:func:`find_libopus` says which and why: the ``LISTENING_CORE_LIBOPUS`` environment variable if
+set; else the library discord.py has loaded (``discord.opus.load_opus(path)``, as macOS users
+call it, or discord.py's own loading); else the DLL discord.py ships in its wheel on Windows
+(``discord/bin/libopus-0.x64.dll``); else the system's (``libopus0`` on Debian/Ubuntu), found
+by :func:`ctypes.util.find_library`; else ``libopus.so.0``.
 """
 
 from __future__ import annotations
@@ -14,16 +18,24 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib.util
 import logging
 import os
+import struct
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import LibopusNotFound, OpusError
 
 __all__ = [
     "LIBOPUS_ENV",
     "LibopusNotFound",
+    "LibopusSource",
     "OpusDecoder",
     "OpusError",
+    "find_libopus",
     "libopus_version",
     "load_libopus",
     "packet_has_fec",
@@ -96,20 +108,96 @@ def _open(name: str) -> ctypes.CDLL:
     return lib
 
 
+@dataclass(frozen=True)
+class LibopusSource:
+    """Which libopus :func:`load_libopus` loads, and why."""
+
+    name: str
+    """The path or soname handed to :class:`ctypes.CDLL`."""
+    origin: str
+    """Where it comes from, in words: ``"LISTENING_CORE_LIBOPUS"``, ``"loaded by discord.py"``,
+    ``"shipped with discord.py"``, ``"found by ctypes.util.find_library"`` or ``"default soname"``."""
+
+
+def _discord_loaded() -> str | None:
+    """The library discord.py has loaded (``discord.opus._lib``), if discord.py is imported and has one."""
+    module = sys.modules.get("discord.opus")  # never imported for this: decoding workers stay light
+    name = getattr(getattr(module, "_lib", None), "_name", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _discord_dir() -> Path | None:
+    """Where discord.py is installed, found without importing it."""
+    try:
+        spec = importlib.util.find_spec("discord")
+    except (ImportError, ValueError):
+        return None
+    locations = spec.submodule_search_locations if spec is not None else None
+    return Path(next(iter(locations))) if locations else None
+
+
+def _discord_shipped(platform: str, discord_dir: Path | None) -> str | None:
+    """The libopus DLL in discord.py's wheel, which exists (and is what discord.py loads) on Windows."""
+    if platform != "win32" or discord_dir is None:
+        return None
+    target = "x64" if struct.calcsize("P") * 8 > 32 else "x86"
+    dll = discord_dir / "bin" / f"libopus-0.{target}.dll"
+    return str(dll) if dll.is_file() else None
+
+
 @functools.cache
-def _default_name(env_value: str | None) -> str:
-    # find_library runs ldconfig (or a compiler) in a subprocess: resolve once per process
-    return env_value or ctypes.util.find_library("opus") or "libopus.so.0"
+def _search() -> LibopusSource:
+    # find_library runs ldconfig (or a compiler) in a subprocess: search once per process
+    found = ctypes.util.find_library("opus")
+    if found:
+        return LibopusSource(found, "found by ctypes.util.find_library")
+    return LibopusSource("libopus.so.0", "default soname")
+
+
+def find_libopus(
+    *,
+    environ: Mapping[str, str] | None = None,
+    platform: str | None = None,
+    discord_dir: Path | None = None,
+    search: Callable[[], LibopusSource] | None = None,
+) -> LibopusSource:
+    """The libopus :func:`load_libopus` loads when given no path, and where it comes from.
+
+    In order: ``LISTENING_CORE_LIBOPUS``; the library discord.py has loaded; on Windows, the DLL
+    in discord.py's wheel (``discord/bin/libopus-0.x64.dll``, or ``x86``); what
+    :func:`ctypes.util.find_library` finds for ``opus``; ``libopus.so.0``. The keywords stand in
+    for this process's (``os.environ``, ``sys.platform``, discord.py's folder, the system search).
+    """
+    configured = (os.environ if environ is None else environ).get(LIBOPUS_ENV)
+    if configured:
+        return LibopusSource(configured, LIBOPUS_ENV)
+    loaded = _discord_loaded()
+    if loaded:
+        return LibopusSource(loaded, "loaded by discord.py")
+    shipped = _discord_shipped(
+        sys.platform if platform is None else platform, _discord_dir() if discord_dir is None else discord_dir
+    )
+    if shipped:
+        return LibopusSource(shipped, "shipped with discord.py")
+    return (search or _search)()
 
 
 def load_libopus(path: str | None = None) -> ctypes.CDLL:
     """The libopus shared library, loaded once per process and path, with its signatures declared.
 
-    `path` is a file path or soname; without it, the ``LISTENING_CORE_LIBOPUS`` environment variable
-    if set, else what :func:`ctypes.util.find_library` finds for ``opus``, else ``libopus.so.0``.
-    Raises :class:`LibopusNotFound` (saying how to install libopus) if it cannot be loaded.
+    `path` is a file path or soname; without it, the library :func:`find_libopus` names (the one
+    discord.py uses, unless ``LISTENING_CORE_LIBOPUS`` says otherwise). A library that discord.py
+    loaded from a path the system search would not find is also put in ``LISTENING_CORE_LIBOPUS``
+    for the decoding worker processes, which start without discord.py. Raises :class:`LibopusNotFound` (saying
+    how to install libopus) if it cannot be loaded.
     """
-    return _open(path if path is not None else _default_name(os.environ.get(LIBOPUS_ENV)))
+    if path is not None:
+        return _open(path)
+    source = find_libopus()
+    lib = _open(source.name)
+    if source.origin == "loaded by discord.py" and source.name != _search().name:
+        os.environ[LIBOPUS_ENV] = source.name
+    return lib
 
 
 def libopus_version() -> str:

@@ -346,6 +346,8 @@ def test_doctor_all_ok_end_to_end() -> None:
     assert "missing" not in out and "broken" not in out and "fix:" not in out
     status, found = status_of(out, "libopus")
     assert status == "ok" and found.startswith(libopus_version())
+    source = opus.find_libopus()  # which library, and where it comes from
+    assert found.endswith(f"({source.name}, {source.origin})")
     assert status_of(out, "davey") == ("ok", davey.__version__)
     assert status_of(out, "PyNaCl") == ("ok", nacl.__version__)
     assert status_of(out, "cryptography") == ("ok", cryptography.__version__)
@@ -561,9 +563,15 @@ LIBOPUS_FIX = "apt-get install libopus0"
 
 @pytest.fixture
 def no_libopus(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A system without libopus: the loader finds nothing and the fallback soname is not there."""
+    """A system without libopus: discord.py has none loaded, the loader finds nothing and the
+    fallback soname is not there."""
+    from discord import opus as discord_opus
+
     monkeypatch.delenv(LIBOPUS_ENV, raising=False)
-    monkeypatch.setattr(opus, "_default_name", lambda env_value: env_value or "libopus-not-installed.so.0")
+    monkeypatch.setattr(discord_opus, "_lib", None)
+    monkeypatch.setattr(
+        opus, "_search", lambda: opus.LibopusSource("libopus-not-installed.so.0", "default soname")
+    )
 
 
 @pytest.mark.usefixtures("no_libopus")
@@ -694,8 +702,8 @@ def test_listen_with_a_mistyped_sink_or_option_says_what_to_do() -> None:
     message = str(info.value)
     assert message.splitlines()[0] == "unknown sink 'wavv'; did you mean 'wav'?"
     assert "installed sinks:" in message and "pip install listening-sink-wavv" in message
-    with pytest.raises(UnknownSinkError, match="pip install listening-sink-transcribe"):
-        VoiceClient.listen(_Connected(), "transcribe")  # type: ignore[arg-type]
+    with pytest.raises(UnknownSinkError, match="pip install listening-sink-karaoke"):
+        VoiceClient.listen(_Connected(), "karaoke")  # type: ignore[arg-type]
     with pytest.raises(OptionsError, match=r"has no option 'directry' \(did you mean 'directory'\?\)"):
         VoiceClient.listen(_Connected(), "wav", options={"directry": "x"})  # type: ignore[arg-type]
 
