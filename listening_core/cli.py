@@ -169,7 +169,7 @@ def _sink_json(spec: SinkSpec) -> dict[str, Any]:
         "summary": spec.summary,
         "distribution": spec.distribution,
         "version": spec.version,
-        "wants_pcm": spec.wants_pcm,
+        "wants_pcm": getattr(spec, "wants_pcm", None),  # None for an EngineSpec
         "options": [
             {
                 "name": info.name,
@@ -196,8 +196,9 @@ def _sink_lines(spec: SinkSpec, *, example: bool = False) -> list[str]:
     origin = f"{spec.distribution} {spec.version}" if spec.distribution else "registered in code"
     lines = [f"{spec.name} ({origin})"]
     lines.extend(_wrap(spec.summary, 2, first="  "))
-    receives = "decoded PCM, 48 kHz stereo" if spec.wants_pcm else "the Opus packets as received"
-    lines.append(f"  input: {receives}")
+    if isinstance(spec, SinkSpec):  # not for an EngineSpec
+        receives = "decoded PCM, 48 kHz stereo" if spec.wants_pcm else "the Opus packets as received"
+        lines.append(f"  input: {receives}")
     infos = describe(spec)
     if not infos:
         lines.append("  options: none")
@@ -245,7 +246,12 @@ def cmd_plugins(registry: SinkRegistry | None, name: str | None, as_json: bool) 
         if as_json:
             print(json.dumps(_sink_json(spec), indent=2))
         else:
-            print("\n".join(_sink_lines(spec, example=True)))
+            print(
+                "\n".join(
+                    _sink_lines(spec, example=True)
+                    + (_engine_lines(reg) if "engine" in {i.name for i in describe(spec)} else [])
+                )
+            )
         return EXIT_OK
 
     specs = reg.specs()
@@ -266,6 +272,7 @@ def cmd_plugins(registry: SinkRegistry | None, name: str | None, as_json: bool) 
                 {"sink": sink, "providers": list(error.providers), "message": str(error)}
                 for sink, error in reg.conflicts.items()
             ],
+            "engines": [_sink_json(engine) for engine in reg.engines()],  # type: ignore[arg-type]
         }
         print(json.dumps(document, indent=2))
         return EXIT_OK
@@ -284,9 +291,22 @@ def cmd_plugins(registry: SinkRegistry | None, name: str | None, as_json: bool) 
         lines.append("no sinks are installed. The sinks of this project, one distribution each:")
         width = max(len(sink) for sink in KNOWN_DISTRIBUTIONS)
         lines.extend(f"  {sink:<{width}}  pip install {dist}" for sink, dist in KNOWN_DISTRIBUTIONS.items())
+    lines += _engine_lines(reg)
     lines += _failure_lines(reg)
     print("\n".join(lines))
     return EXIT_OK
+
+
+def _engine_lines(registry: SinkRegistry) -> list[str]:
+    """The transcription engines plugins provide (``engine_options`` of a transcribing sink)."""
+    engines = registry.engines()
+    if not engines:
+        return []
+    lines = ["", "transcription engines, for the engine and engine_options of a transcribing sink:"]
+    for engine in engines:
+        head, *rest = _sink_lines(engine)  # type: ignore[arg-type]
+        lines += ["", f"  {head}", *rest]
+    return lines
 
 
 def format_results(results: Sequence[CheckResult]) -> list[str]:

@@ -98,7 +98,10 @@ The hooks
 
 - :func:`listening_sinks`: the sinks the plugin provides (most plugins implement only this);
 - :func:`listening_sink_created`: observe each sink the registry builds by name;
-- :func:`listening_session_finished`: observe the end of each listening session.
+- :func:`listening_session_finished`: observe the end of each listening session;
+- :func:`listening_transcription_engines`: speech-to-text engines (:class:`EngineSpec`) for
+  sinks that transcribe, such as ``transcribe`` (listening-sink-transcribe), which pick one by
+  name.
 
 Implement them as functions of the plugin module named like the hook and decorated with
 ``@hookimpl``; an implementation may take any subset of the hook's arguments (by name). A
@@ -220,7 +223,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
@@ -228,15 +231,20 @@ if TYPE_CHECKING:
     from .sinks import AudioSink
 
 __all__ = [
+    "ENGINE_NAME_RE",
     "ENTRY_POINT_GROUP",
     "PROJECT_NAME",
     "SINK_NAME_RE",
+    "EngineSpec",
     "SinkSpec",
+    "Transcription",
+    "TranscriptionEngine",
     "hookimpl",
     "hookspec",
     "listening_session_finished",
     "listening_sink_created",
     "listening_sinks",
+    "listening_transcription_engines",
 ]
 
 PROJECT_NAME = "listening_core"
@@ -382,4 +390,105 @@ def listening_session_finished(sink: AudioSink, spec: SinkSpec | None, error: Ba
 
     **Return:** ``None``. Exceptions are logged and otherwise ignored: the session is already
     over.
+    """
+
+
+# ------------------------------------------------------------------------- transcription engines
+
+ENGINE_NAME_RE = SINK_NAME_RE
+"""What an engine name must match in full (the rule of sink names)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transcription:
+    """What an engine heard in one utterance."""
+
+    text: str
+    """The words, stripped of surrounding whitespace (``""`` when it heard none)."""
+    language: str | None = None
+    """The language, as an ISO 639-1 code (``"en"``) when the engine says; else ``None``."""
+    confidence: float | None = None
+    """The engine's own confidence in ``text``, between 0 and 1 (for Whisper models, the mean
+    token probability: ``exp(avg_logprob)``), or ``None`` when the engine gives none."""
+
+
+class TranscriptionEngine(Protocol):
+    """A speech-to-text engine, as built by :attr:`EngineSpec.factory`."""
+
+    def transcribe(self, pcm: bytes, *, language: str | None, timeout: float) -> Transcription:
+        """Transcribe one utterance: ``pcm`` is 16 kHz mono signed 16-bit little-endian audio.
+
+        ``language``: an ISO 639-1 code to force, or ``None`` to let the engine detect it.
+        ``timeout``: seconds the caller will wait; an engine that can stop (a network request)
+        raises past it, one that cannot may overrun it.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (a model, connections); called once, last."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """A transcription engine a plugin provides, as returned from :func:`listening_transcription_engines`.
+
+    The constructor checks the fields like :class:`SinkSpec`'s and raises :class:`TypeError`
+    or :class:`ValueError` with what to fix.
+    """
+
+    name: str
+    """The name a transcribing sink selects it by (``{"engine": name}``); matches :data:`ENGINE_NAME_RE`."""
+    factory: Callable[[Any], TranscriptionEngine]
+    """Called with the validated options object (an instance of :attr:`options`); returns a new
+    :class:`TranscriptionEngine`. Called on the transcribing sink's worker thread, never the event
+    loop's: loading a model here is fine."""
+    options: type[Any]
+    """The engine's options class, under the rules of a sink's options class (a frozen dataclass
+    with a default for every field; checked the same way, by
+    :func:`listening_core.options.validate_options`)."""
+    summary: str
+    """One line saying what the engine is, shown in listings and error messages."""
+    distribution: str | None = field(default=None, kw_only=True)
+    """The distribution the engine came from; filled in by the registry. Plugins leave it unset."""
+    version: str | None = field(default=None, kw_only=True)
+    """That distribution's version; filled in by the registry. Plugins leave it unset."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not ENGINE_NAME_RE.fullmatch(self.name):
+            raise ValueError(
+                f"engine name {self.name!r} is invalid: use lower-case letters, digits and '-' "
+                "(e.g. 'faster-whisper')"
+            )
+        if not callable(self.factory):
+            raise TypeError(f"engine {self.name!r}: factory must be callable, got {self.factory!r}")
+        if not isinstance(self.summary, str):
+            raise TypeError(f"engine {self.name!r}: summary must be a str, got {self.summary!r}")
+        _check_options_class(f"engine {self.name}", self.options)
+
+
+@hookspec
+def listening_transcription_engines() -> list[EngineSpec]:  # type: ignore[empty-body]
+    """Return the speech-to-text engines this plugin provides.
+
+    **When:** whenever a transcribing sink resolves an engine name or a tool lists engines
+    (:meth:`SinkRegistry.engines <listening_core.plugins.SinkRegistry.engines>`): in the main
+    process, on the thread that asks (the event loop's, in ``vc.listen``). Do no I/O and load no
+    model here; load it in the spec's factory, which runs on the sink's worker thread.
+
+    **Return:** a list of :class:`EngineSpec`, possibly empty. A plugin may provide engines only
+    (no sinks): declare it in the same entry-point group. Leave ``distribution`` and ``version``
+    unset. An engine name two installed plugins provide is unusable until one is uninstalled
+    (asking for it raises :class:`~listening_core.plugins.PluginConflictError`). Raising, or
+    returning something that is not a list of :class:`EngineSpec`, is logged as a warning and
+    that plugin's engines are left out; its sinks are unaffected.
+
+    **The engine's contract:** :meth:`TranscriptionEngine.transcribe` is called on the sink's
+    worker threads, one utterance at a time per thread, and concurrently from several threads
+    when the sink runs more than one worker: make it thread-safe or say so in your docs. It
+    never runs on the delivery thread, so a slow engine delays transcripts, never reception.
+    When it cannot transcribe (unreachable server, bad reply, timeout) it raises an exception
+    whose message says what failed and what to fix; the sink counts the utterance as failed,
+    logs the first failure per member at WARNING, and goes on with the next one.
+    :meth:`TranscriptionEngine.close` is called once when the session's sink is cleaned up.
     """

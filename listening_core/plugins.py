@@ -43,7 +43,7 @@ from .errors import (
     PluginError,
     UnknownSinkError,
 )
-from .hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME, SINK_NAME_RE, SinkSpec
+from .hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME, SINK_NAME_RE, EngineSpec, SinkSpec
 from .options import (  # the options checker; its public names resolve here too
     OptionInfo,
     _did_you_mean,
@@ -86,7 +86,12 @@ KNOWN_DISTRIBUTIONS: Mapping[str, str] = types.MappingProxyType(
 )
 """Sink name → the distribution that provides it, for the sinks this project publishes."""
 
-_HOOK_NAMES = ("listening_sinks", "listening_sink_created", "listening_session_finished")
+_HOOK_NAMES = (
+    "listening_sinks",
+    "listening_sink_created",
+    "listening_session_finished",
+    "listening_transcription_engines",
+)
 
 
 # ---------------------------------------------------------------------------------- the registry
@@ -166,6 +171,7 @@ class SinkRegistry:
         self._failures: dict[str, Exception] = {}
         self._failed_dist: dict[str, tuple[str | None, str | None]] = {}
         self._seen: set[tuple[str | None, str, str]] = set()
+        self._plugin_dists: dict[str, tuple[str | None, str | None]] = {}
 
     # -- loading
 
@@ -266,6 +272,7 @@ class SinkRegistry:
         except BaseException:
             self._pm.unregister(plugin)
             raise
+        self._plugin_dists[name] = (dist, version)
         for item in provided:
             sink = item.spec.name
             if sink in self._conflicts:
@@ -566,6 +573,58 @@ class SinkRegistry:
             self._pm.hook.listening_session_finished(sink=sink, spec=spec, error=error)
         except Exception:
             _log.exception("a listening_session_finished hook raised")
+
+    def engines(self) -> list[EngineSpec]:
+        """The transcription engines of the loaded plugins (``listening_transcription_engines``), by name.
+
+        A plugin whose hook raises or returns something other than a list of
+        :class:`~listening_core.hookspecs.EngineSpec` is logged as a warning and left out; a
+        name two plugins provide is left out (:meth:`engine` says why).
+        """
+        return [specs[0] for specs in self._engine_providers().values() if len(specs) == 1]
+
+    def engine(self, name: str) -> EngineSpec:
+        """The engine ``name``; raises :class:`PluginConflictError` or :class:`PluginError` saying what is installed."""
+        providers = self._engine_providers()
+        specs = providers.get(name, [])
+        if len(specs) == 1:
+            return specs[0]
+        if specs:
+            who = " and ".join(f"{spec.distribution or 'a plugin registered in code'}" for spec in specs)
+            raise PluginConflictError(
+                f"transcription engine {name!r} is provided by {who}; uninstall all but one of them",
+                sink=name,
+                providers=tuple(str(spec.distribution) for spec in specs),
+            )
+        near = _did_you_mean(name, providers)
+        raise PluginError(
+            f"unknown transcription engine {name!r}"
+            + (f"; did you mean {_or_list(near)}?" if near else "")
+            + f"; installed engines: {', '.join(sorted(providers)) or 'none'}"
+            + " (engines come from plugins, e.g. pip install 'listening-sink-transcribe[faster-whisper]')"
+        )
+
+    def _engine_providers(self) -> dict[str, list[EngineSpec]]:
+        found: dict[str, list[EngineSpec]] = {}
+        with self._lock:
+            for impl in self._pm.hook.listening_transcription_engines.get_hookimpls():
+                dist, version = self._plugin_dists.get(impl.plugin_name, (None, None))
+                try:
+                    result = impl.function()
+                    if not isinstance(result, list | tuple) or not all(
+                        isinstance(e, EngineSpec) for e in result
+                    ):
+                        raise TypeError(f"it must return a list of EngineSpec, got {reprlib.repr(result)}")
+                except Exception as exc:
+                    _log.warning(
+                        "plugin %r: listening_transcription_engines() failed: %s", impl.plugin_name, exc
+                    )
+                    continue
+                for spec in result:
+                    found.setdefault(spec.name, []).append(
+                        dataclasses.replace(spec, distribution=dist, version=version)
+                    )
+        return dict(sorted(found.items()))
 
     @property
     def plugin_manager(self) -> pluggy.PluginManager:
