@@ -116,7 +116,7 @@ class LiveSink(AudioSink):
         maxsize: int | None = None,
     ) -> PcmStream:
         """A stream of :class:`PcmChunk`\\s at ``rate`` Hz with ``channels`` (1: the mean of left
-        and right; 2: as received), one per frame, of every member (or only ``member``)."""
+        and right; 2: as received), of every member (or only ``member``)."""
         return PcmStream(self, _user_id(member), self.maxsize if maxsize is None else maxsize, rate, channels)
 
     @property
@@ -257,7 +257,8 @@ class _Stream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _next_frame(self) -> AudioFrame:
+    async def _wait(self) -> collections.deque[AudioFrame]:
+        """The queue, once it holds a frame; ``StopAsyncIteration`` once it never will."""
         queue = self._queue
         while not queue:
             if self._ended or self._closed:
@@ -267,7 +268,7 @@ class _Stream:
                 await waiter
             finally:
                 self._waiter = None
-        return queue.popleft()
+        return queue
 
     def close(self) -> None:
         """Stop receiving: what the stream holds is discarded and iteration ends."""
@@ -299,12 +300,12 @@ class FrameStream(_Stream):
     __slots__ = ()
 
     async def __anext__(self) -> AudioFrame:
-        return await self._next_frame()
+        return (await self._wait()).popleft()
 
 
 @dataclass(frozen=True, slots=True)
 class PcmChunk:
-    """Some of one member's audio at the stream's rate and channel count.
+    """Some of one member's audio (a frame's worth or more) at the stream's rate and channels.
 
     ``position`` is the session sample (48 kHz, like :attr:`AudioFrame.position`) of its first
     sample. A member's chunks follow each other without a gap while they speak; a new talk
@@ -349,10 +350,14 @@ class _Track:
 
 
 class PcmStream(_Stream):
-    """``async for chunk in live.pcm(rate=16000, channels=1)``: :class:`PcmChunk`\\s, one per
-    frame (the resampler holds back a few milliseconds until the next frame or the end of the
-    run), per member (see :mod:`listening_core.live`). Conversion runs in the event loop as
-    chunks are taken, so a stream nobody reads costs nothing but its queue."""
+    """``async for chunk in live.pcm(rate=16000, channels=1)``: :class:`PcmChunk`\\s of every
+    member (or one), see :mod:`listening_core.live`.
+
+    Conversion runs in the event loop as chunks are taken, so a stream nobody reads costs
+    nothing but its queue. Each time the consumer has taken every chunk, the frames queued
+    meanwhile are converted together: one chunk per member and run of contiguous frames (a
+    frame's worth when the consumer keeps up, more when it lags, which makes resampling cheaper
+    per frame). The resampler holds back a few milliseconds until the run goes on or ends."""
 
     __slots__ = ("_np", "_out", "_resample", "_tracks", "channels", "rate")
 
@@ -376,41 +381,58 @@ class PcmStream(_Stream):
     async def __anext__(self) -> PcmChunk:
         while not self._out:
             try:
-                frame = await self._next_frame()
+                queue = await self._wait()
             except StopAsyncIteration:
                 if not self._closed:
                     self._flush_all()
                 if not self._out:
                     raise
                 break
-            self._convert(frame)
+            self._convert(queue)
         return self._out.popleft()
 
-    def _convert(self, frame: AudioFrame) -> None:
-        if frame.pcm is None:
-            return  # a session that does not decode: nothing to convert (LiveSink always decodes)
-        track = self._tracks.get(frame.user_id)
-        if track is None or frame.position != track.next:
+    def _convert(self, queue: collections.deque[AudioFrame]) -> None:
+        """Everything queued, as one chunk per member and run of contiguous frames."""
+        by_user: dict[int, list[AudioFrame]] = {}
+        while queue:
+            frame = queue.popleft()
+            if frame.pcm is not None:  # None only where a session does not decode (LiveSink does)
+                by_user.setdefault(frame.user_id, []).append(frame)
+        for user_id, frames in by_user.items():
+            run = [frames[0]]
+            for frame in frames[1:]:
+                if frame.position != run[-1].end:
+                    self._convert_run(user_id, run)
+                    run = []
+                run.append(frame)
+            self._convert_run(user_id, run)
+
+    def _convert_run(self, user_id: int, run: list[AudioFrame]) -> None:
+        first = run[0]
+        track = self._tracks.get(user_id)
+        if track is None or first.position != track.next:
             if track is not None:
-                self._flush(frame.user_id, track)
+                self._flush(user_id, track)
             resampler = None
             if self.rate != SAMPLE_RATE:
                 resampler = self._resample.Resampler(SAMPLE_RATE, self.rate, self.channels)
-            track = self._tracks[frame.user_id] = _Track(frame.position, resampler, frame.member)
-        if frame.member is not None:
-            track.member = frame.member
-        track.next = frame.end
+            track = self._tracks[user_id] = _Track(first.position, resampler, first.member)
+        member = run[-1].member
+        if member is not None:
+            track.member = member
+        track.next = run[-1].end
+        pcm = b"".join(f.pcm for f in run if f.pcm is not None)
         if track.resampler is None and self.channels == CHANNELS:
-            self._emit(frame.user_id, track, frame.pcm, frame.samples)
+            self._emit(user_id, track, pcm, len(pcm) // (2 * CHANNELS))
             return
         np = self._np
-        samples = np.frombuffer(frame.pcm, dtype="<i2").reshape(-1, CHANNELS)
+        samples = np.frombuffer(pcm, dtype="<i2").reshape(-1, CHANNELS)
         if self.channels == 1:
             samples = samples.mean(axis=1, dtype=np.float64)
         if track.resampler is None:
-            self._emit_array(frame.user_id, track, samples)
+            self._emit_array(user_id, track, samples)
         else:
-            self._emit_array(frame.user_id, track, track.resampler.process(samples))
+            self._emit_array(user_id, track, track.resampler.process(samples))
 
     def _emit_array(self, user_id: int, track: _Track, samples: np.ndarray) -> None:
         np = self._np

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import threading
 from collections.abc import Iterable
@@ -126,14 +127,36 @@ async def test_pcm_at_16k_mono_placed_on_the_timeline() -> None:
         assert abs(np.argmax(spectrum) * 16_000 / len(got) - 1000) < 20  # still the 1 kHz tone
 
 
+async def test_pcm_taken_while_the_member_speaks_is_seamless() -> None:
+    live = LiveSink()
+    sent = [frame(ALICE, i) for i in range(40)]
+    chunks: list[PcmChunk] = []
+    async with live.pcm(rate=16_000, channels=1) as stream:
+        for k in range(0, 40, 7):  # the consumer keeps up: several chunks while she speaks
+            await deliver(live, sent[k : k + 7], end=False)
+            await settle()
+            while stream._queue or stream._out:
+                chunks.append(await anext(stream))
+        await deliver(live, [])
+        chunks.extend([c async for c in stream])
+    assert len(chunks) > 6
+    for before, after in itertools.pairwise(chunks):
+        assert after.position == before.position + before.samples * 3
+    resampler = Resampler(48_000, 16_000, 1)
+    mono = np.frombuffer(b"".join(f.pcm or b"" for f in sent), dtype="<i2").reshape(-1, 2).mean(axis=1)
+    want = np.concatenate([resampler.process(mono), resampler.flush()])[:, 0]
+    got = np.frombuffer(b"".join(c.pcm for c in chunks), dtype="<i2")
+    assert np.array_equal(got, np.clip(np.rint(want), -32768, 32767).astype("<i2"))
+
+
 async def test_pcm_at_48k_stereo_is_the_frames_untouched() -> None:
     live = LiveSink()
     sent = [frame(CAROL, i) for i in range(5)]
     stream = live.pcm(rate=48_000, channels=2)
     await deliver(live, sent)
     chunks = [c async for c in stream]
-    assert [c.pcm for c in chunks] == [f.pcm for f in sent]
-    assert [c.position for c in chunks] == [f.position for f in sent]
+    assert b"".join(c.pcm for c in chunks) == b"".join(f.pcm or b"" for f in sent)
+    assert chunks[0].position == sent[0].position and chunks[-1].end == sent[-1].end / 48_000
 
 
 async def test_a_consumer_that_falls_behind_loses_the_oldest_counted_and_warned_once(
