@@ -177,8 +177,8 @@ class LiveSink(AudioSink):
             raise SinkError("a LiveSink serves one listening session; make a new one for the next")
 
     def on_audio(self, frame: AudioFrame) -> None:
-        """Queue ``frame`` for the open streams (none open: nothing to do)."""
-        if not self._streams:
+        """Queue ``frame`` for the open streams (none open, or the loop gone: nothing to do)."""
+        if self._ended or not self._streams:
             return
         self._pending.append(frame)
         if not self._scheduled:

@@ -299,3 +299,18 @@ async def test_bad_arguments_say_what_to_do() -> None:
 def test_streams_are_opened_in_the_event_loop() -> None:
     with pytest.raises(RuntimeError, match="no running event loop"):
         LiveSink().frames()
+
+
+def test_a_session_that_outlives_its_event_loop_queues_nothing() -> None:
+    loop = asyncio.new_event_loop()
+
+    async def open_stream(live: LiveSink) -> object:
+        return live.frames()
+
+    live = LiveSink()
+    stream = loop.run_until_complete(open_stream(live))
+    loop.close()
+    for f in interleaved((ALICE,), 5):
+        live.on_audio(f)  # the delivery thread goes on: never an error, never a growing queue
+    live.cleanup()
+    assert stream is not None and live.ended and not live._pending
