@@ -261,6 +261,16 @@ async def stream_trial(speakers: int, seconds: float = 5.0, *, warmup: float = 2
                 await bot.stdin.drain()
                 result.update(await _read_json_line(bot.stdout, 180))
                 result["expected_frames_per_second"] = speakers * 50
+                problems = [
+                    f"{key}: {result[key]}"
+                    for key in ("stream_dropped", "lost", "kernel_drops")
+                    if result.get(key)  # None (unknown) is not a problem; any count is
+                ]
+                if result["frames_per_second"] < 0.95 * speakers * 50:
+                    problems.append(
+                        f"the loop took {result['frames_per_second']} frames/s of {speakers * 50}"
+                    )
+                result["held"], result["problems"] = not problems, problems
                 return result
             except BaseException:
                 log("the stream bot's log:\n" + (tmp / "bot.log").read_text()[-3000:])
