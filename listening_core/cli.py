@@ -6,7 +6,13 @@
   cryptography (both transport encryption modes, by sealing and opening a packet), discord.py
   and every installed sink plugin. One line per check (``ok``, ``missing`` or ``broken``), and
   for anything not ok the command that fixes it. Exit status 0 when all is ok, 1 otherwise.
-- ``listening demo``: the example bot recording a loopback Discord (:mod:`listening_core.demo`).
+- ``listening demo [--install-system-deps]``: the recording bot that ships
+  (:mod:`listening_core.ext.recorder`) recording a loopback Discord (:mod:`listening_core.demo`);
+  it needs nothing from the working directory, and installs libopus only when asked to.
+- ``listening recover PATH...``: make the files a killed recorder left whole, whatever their
+  format (:mod:`listening_core.recover`); exit status 1 if a file cannot be recovered.
+
+Output is wrapped to the terminal's width (at most :data:`WIDTH` columns).
 
 Exit status 2 means the command could not do what was asked (a usage error, an unknown sink).
 
@@ -27,6 +33,7 @@ import math
 import os
 import re
 import reprlib
+import shutil
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -72,14 +79,19 @@ __all__ = [
 ]
 
 WIDTH = 100
-"""Output is wrapped to this many columns."""
+"""Output is wrapped to this many columns at most; to fewer on a narrower terminal."""
 
-COMMANDS = ("demo", "doctor", "plugins")
+COMMANDS = ("demo", "doctor", "plugins", "recover")
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other command-line tools
+
+
+def _width() -> int:
+    """The columns to wrap to: the terminal's (or ``COLUMNS``), at most :data:`WIDTH`, at least 40."""
+    return max(40, min(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns))
 
 
 def _flushed(code: int) -> int:
@@ -99,8 +111,10 @@ _COMMAND_RE = re.compile(
 _GLUE = "\u00a0"  # textwrap splits on ASCII whitespace only
 
 
-def _wrap(text: str, indent: int, *, first: str = "", width: int = WIDTH) -> list[str]:
-    """Wrap ``text`` (which may hold several lines) to ``width``; ``first`` prefixes line one."""
+def _wrap(text: str, indent: int, *, first: str = "", width: int | None = None) -> list[str]:
+    """Wrap ``text`` (which may hold several lines) to ``width`` (default: :func:`_width`);
+    ``first`` prefixes line one."""
+    width = width or _width()
     pad = " " * indent
     lines: list[str] = []
     text = _COMMAND_RE.sub(lambda m: m.group(0).replace(" ", _GLUE), text)
@@ -119,16 +133,17 @@ def _wrap(text: str, indent: int, *, first: str = "", width: int = WIDTH) -> lis
 
 
 def _wrap_message(text: str) -> str:
-    """Wrap a multi-line message (an error from the registry) to :data:`WIDTH`, each long line
+    """Wrap a multi-line message (an error from the registry) to :func:`_width`, each long line
     with a hanging indent under its text (after `` — `` in a listing line)."""
     lines: list[str] = []
+    width = _width()
     for line in text.splitlines():
-        if len(line) <= WIDTH:
+        if len(line) <= width:
             lines.append(line)
             continue
         lead = len(line) - len(line.lstrip())
         dash = line.find(" — ")
-        hang = dash + 3 if 0 <= dash < WIDTH // 2 else lead + 2
+        hang = dash + 3 if 0 <= dash < width // 2 else lead + 2
         lines.extend(_wrap(line[lead:], hang, first=line[:lead]))
     return "\n".join(lines)
 
@@ -209,11 +224,11 @@ def _sink_lines(spec: SinkSpec, *, example: bool = False) -> list[str]:
         help_indent = 4 + name_width + 2
         for info in infos:
             head = f"    {info.name:<{name_width}}  {info.type_str:<{type_width}}  = {_default_text(info.default)}"
-            lines.extend(_wrap(head[4:], help_indent, first="    ") if len(head) > WIDTH else [head])
+            lines.extend(_wrap(head[4:], help_indent, first="    ") if len(head) > _width() else [head])
             if info.help:
                 lines.extend(_wrap(info.help, help_indent))
     if example:
-        lines.append(f"  usage: {_usage_example(spec, infos)}")
+        lines.extend(_wrap(_usage_example(spec, infos), 4, first="  usage: "))
     return lines
 
 
@@ -293,7 +308,7 @@ def cmd_plugins(registry: SinkRegistry | None, name: str | None, as_json: bool) 
         lines.extend(f"  {sink:<{width}}  pip install {dist}" for sink, dist in KNOWN_DISTRIBUTIONS.items())
     lines += _engine_lines(reg)
     lines += _failure_lines(reg)
-    print("\n".join(lines))
+    print(_wrap_message("\n".join(lines)))  # headings too fit the terminal
     return EXIT_OK
 
 
@@ -327,7 +342,7 @@ def format_results(results: Sequence[CheckResult]) -> list[str]:
     lines.append("")
     if problems:
         noun = "problem" if len(problems) == 1 else "problems"
-        lines.append(f"{len(problems)} {noun}: apply each fix above, then run `listening doctor` again.")
+        lines += _wrap(f"{len(problems)} {noun}: apply each fix above, then run `listening doctor` again.", 0)
     else:
         lines.append(f"all {len(results)} checks ok: this machine can receive voice.")
     return lines
@@ -365,8 +380,8 @@ def build_parser(prog: str = "listening") -> argparse.ArgumentParser:
     """The argument parser of the ``listening`` command."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="listening-core: voice receive for discord.py bots. Inspect the installed sinks "
-        "and check that this machine can receive voice.",
+        description="listening-core: voice receive for discord.py bots. Inspect the installed sinks, "
+        "check that this machine can receive voice, run the demo, recover files a killed recorder left.",
     )
     parser.add_argument("--version", action="version", version=f"listening-core {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -384,20 +399,27 @@ def build_parser(prog: str = "listening") -> argparse.ArgumentParser:
         description="Check everything voice receive needs; print one line per check and, for "
         "anything not ok, the fix. Exit status 0 when all is ok, 1 otherwise.",
     )
+    from . import demo as demo_module
+    from . import recover as recover_module
+
     demo = commands.add_parser(
         "demo",
-        help="the demo: a loopback Discord where the example bot records four members",
+        help="the demo: a loopback Discord where the recording bot records four members",
         description="Start a loopback Discord where three virtual members and a discord.py client "
-        "speak (2 %% loss, jitter), run examples/record_bot.py against it with six sinks, show "
-        "progress live and check every file. Writes recordings/<session>/.",
+        "speak (2 %% loss, jitter), run the recording bot that ships (listening_core.ext.recorder) "
+        "against it with six sinks, show progress live and check every file. Writes "
+        "recordings/<session>/.",
     )
-    demo.add_argument(
-        "--output", default="recordings", help="where the session folder goes (default: recordings)"
+    demo_module.add_arguments(demo)
+    recover = commands.add_parser(
+        "recover",
+        help="make the files a killed recorder left whole (WAV, FLAC, MP3, Ogg Opus)",
+        description="Make the files a killed recorder left whole: WAV headers are set from the "
+        "file's length, FLAC is re-encoded up to its first damaged frame, MP3 and Ogg Opus are "
+        "checked (readable as they are). The format is read from each file; a folder stands for "
+        "the audio files under it. One line per file; exit status 1 if one cannot be recovered.",
     )
-    demo.add_argument(
-        "--bot", help="the example bot to run (default: examples/record_bot.py of this checkout)"
-    )
-    demo.add_argument("--seed", type=int, default=2026, help="seed of the simulated network faults")
+    recover_module.add_arguments(recover)
     return parser
 
 
@@ -441,7 +463,13 @@ def main(
             return _flushed(doctor(checks, registry=registry))
         if args.command == "demo":
             demo_args = ["--output", args.output, "--seed", str(args.seed)]
-            return _flushed(cmd_demo(demo_args + (["--bot", args.bot] if args.bot else [])))
+            demo_args += ["--bot", args.bot] if args.bot else []
+            demo_args += ["--install-system-deps"] if args.install_system_deps else []
+            return _flushed(cmd_demo(demo_args))
+        if args.command == "recover":
+            from .recover import run as recover
+
+            return _flushed(recover(args.paths, out=sys.stdout, err=sys.stderr))
     except BrokenPipeError:  # `listening plugins | head`: the reader left; stop quietly
         with contextlib.suppress(Exception):
             devnull = os.open(os.devnull, os.O_WRONLY)

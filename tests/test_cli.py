@@ -715,8 +715,8 @@ def test_demo_without_its_bot_says_where_to_run_it(tmp_path: Path) -> None:
     done = run("demo", "--bot", str(tmp_path / "nowhere.py"), cwd=tmp_path)
     assert done.returncode == 1
     assert "listening demo cannot start" in done.stderr
-    assert "the example bot was not found" in done.stderr
-    assert "run the demo from a checkout of listening-core, or pass --bot" in done.stderr
+    assert "the bot script was not found" in done.stderr and "nowhere.py" in done.stderr
+    assert "leave --bot out to run the bot that ships" in done.stderr
     assert not (tmp_path / "recordings").exists()
 
 
@@ -751,3 +751,21 @@ def test_broken_pipe_is_quiet() -> None:
         os.close(write)
     assert done.returncode == cli.EXIT_BROKEN_PIPE
     assert done.stderr == ""
+
+
+# ---------------------------------------------------------------------------- terminal width
+
+
+def test_output_fits_a_narrow_terminal() -> None:
+    """The listing and the report wrap to the terminal's width (``COLUMNS``), not a fixed 100."""
+    for command in (["plugins"], ["plugins", "wav"], ["doctor", "--help"]):
+        done = run(*command, env={"COLUMNS": "60"})
+        assert done.returncode == 0, done.stderr
+        too_long = [line for line in done.stdout.splitlines() if len(line) > 60]
+        assert not too_long, (command, too_long)
+    done = run("doctor", env={"COLUMNS": "60", LIBOPUS_ENV: "/nonexistent/libopus.so"})
+    assert done.returncode == 1
+    assert not [line for line in done.stdout.splitlines() if len(line) > 60], done.stdout
+    # a wide terminal still gets lines of at most 100 columns, for reading
+    done = run("plugins", env={"COLUMNS": "300"})
+    assert_fits(done.stdout) and any(len(line) > 60 for line in done.stdout.splitlines())
