@@ -3,15 +3,22 @@
 A loopback Discord (:mod:`listening_core.testing`) with a realistic voice channel: three virtual
 members and one real discord.py client speak the bundled speech clips with overlaps and pauses;
 one member joins late and two leave early; the network loses 2 % of the packets and adds jitter.
-The unmodified ``examples/record_bot.py`` runs in its own process against it (``--local``); a
+The recording bot that ships with listening-core (:mod:`listening_core.ext.recorder`, which
+``examples/record_bot.py`` runs) runs unmodified in its own process against it (``--local``); a
 member types ``!record`` with six sinks, everyone speaks, the member types ``!stop``, and the bot
-posts its summary with the mixdown attached. The terminal shows each member's progress live and
-a summary table at the end.
+posts its summary with the mixdown attached. The terminal shows each member's progress live
+(redrawn in place on a terminal that can; printed every few seconds to a pipe, a file or
+``TERM=dumb``), fitted to the terminal's width, and a summary table at the end. Nothing is needed
+from the working directory: an installed wheel runs it anywhere.
 
 Everything lands in ``recordings/<session>/``: the files of every sink, ``session.json``,
 ``timeline.png``, ``demo.json`` (what the loopback was told to play, in Unix time, for checking
 ``session.json`` against) and ``bot.log``. The exit status is 0 only if every expected file was
 written.
+
+libopus is the one system library it needs; ``--install-system-deps`` installs it with apt-get
+(as root, on Debian/Ubuntu) when it is missing. Without that flag the demo never installs
+anything: it says what to run (``make demo`` does both).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +45,10 @@ from typing import IO, Any
 from .doctor import _is_root, check_bot, check_libopus, check_pillow, check_sinks, run_checks
 from .opus import LibopusNotFound, load_libopus
 
-__all__ = ["DEMO_SINKS", "Check", "main", "preflight", "run_demo", "verify"]
+__all__ = ["BOT_MODULE", "DEMO_SINKS", "Check", "Progress", "main", "preflight", "run_demo", "verify"]
+
+BOT_MODULE = "listening_core.ext.recorder"
+"""The bot the demo runs (``python -m``), unless ``--bot`` names a script."""
 
 DEMO_SINKS = ("wav", "flac", "mp3", "vad-segments", "mixdown", "ogg-opus")
 """The sinks the demo records with, all at once."""
@@ -92,33 +103,24 @@ def _install_libopus(out: IO[str]) -> bool:
     return _have_libopus()
 
 
-def _libopus_or_install(out: IO[str]) -> None:
-    """The demo's libopus loader for :func:`~listening_core.doctor.check_libopus`: installs it
-    where it can (:func:`_install_libopus`)."""
-    if not (_have_libopus() or _install_libopus(out)):
-        raise LibopusNotFound("libopus (the Opus codec) was not found")
+def _libopus_or_install(out: IO[str], install: bool) -> None:
+    """The demo's libopus loader for :func:`~listening_core.doctor.check_libopus`: with
+    ``install`` (``--install-system-deps``), installs it where it can (:func:`_install_libopus`)."""
+    if _have_libopus() or (install and _install_libopus(out)):
+        return
+    hint = "" if install else "; as root, `listening demo --install-system-deps` installs it"
+    raise LibopusNotFound(f"libopus (the Opus codec) was not found{hint}")
 
 
-def find_bot(explicit: str | None = None) -> Path | None:
-    """``examples/record_bot.py``: ``explicit``, else under the current directory, else in the
-    checkout this package was installed from (editable installs)."""
-    if explicit:
-        return Path(explicit)
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        candidate = base / "examples" / "record_bot.py"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def preflight(bot: Path | None, out: IO[str]) -> list[Check]:
-    """Check (and where possible fix) what the demo needs: libopus, the six sinks, Pillow, the bot.
+def preflight(bot: Path | None, out: IO[str], *, install: bool = False) -> list[Check]:
+    """Check what the demo needs: libopus, the six sinks, Pillow, the bot (``None``: the one that
+    ships, :data:`BOT_MODULE`). With ``install``, a missing libopus is installed with apt-get.
 
     The checks are :mod:`listening_core.doctor`'s (libopus is checked as ``listening doctor`` does).
     """
     results = run_checks(
         [
-            functools.partial(check_libopus, load=functools.partial(_libopus_or_install, out)),
+            functools.partial(check_libopus, load=functools.partial(_libopus_or_install, out, install)),
             functools.partial(check_sinks, DEMO_SINKS, hint="  (or: make demo)"),
             check_pillow,
             functools.partial(check_bot, bot),
@@ -175,19 +177,34 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _columns() -> int:
+    """The terminal's width (``COLUMNS``, else the terminal's, else 100), at least 20."""
+    return max(20, shutil.get_terminal_size((100, 24)).columns)
+
+
+def _fit(line: str, width: int) -> str:
+    # one column to spare: some terminals wrap a line that fills the last column
+    return line if len(line) < width else line[: max(1, width - 2)] + "…"
+
+
 class Progress:
-    """Redraws the per-member table in place on a terminal; prints it every few seconds otherwise."""
+    """Redraws the per-member table in place on a terminal that can (not ``TERM=dumb``); prints it
+    every few seconds otherwise. Lines are cut to the terminal's width, so a redraw moves the
+    cursor over exactly the lines it drew."""
 
     def __init__(self, out: IO[str]) -> None:
         self.out = out
-        self.tty = out.isatty()
+        self.tty = out.isatty() and os.environ.get("TERM", "") not in ("dumb", "")
         self._drawn = 0
         self._last_print = 0.0
 
     def show(self, elapsed: float, report: dict[str, Any] | None, note: str) -> None:
+        """Show the progress: ``elapsed`` seconds, the members of ``report`` (session.json), ``note``."""
         lines = [f"[{elapsed:5.1f} s] {note}"]
         if report is not None:
             lines += table(_COLUMNS, member_rows(report))
+        width = _columns()
+        lines = [_fit(line, width) for line in lines]
         if self.tty:
             if self._drawn:
                 self.out.write(f"\x1b[{self._drawn}F\x1b[J")
@@ -199,6 +216,7 @@ class Progress:
         self.out.flush()
 
     def done(self) -> None:
+        """The live display is over: what follows is printed below it."""
         self._drawn = 0
 
 
@@ -219,11 +237,12 @@ class DemoResult:
 class _BotProcess:
     """The example bot in its own process; its log goes to a file and is watched for readiness."""
 
-    def __init__(self, bot: Path, address: Path, output: Path, log_path: Path) -> None:
+    def __init__(self, bot: Path | None, address: Path, output: Path, log_path: Path) -> None:
         self.log_path = log_path
         self.ready = asyncio.Event()
         self._log = log_path.open("w", encoding="utf-8")
-        self._args = [sys.executable, str(bot), "--local", str(address), "--output", str(output)]
+        program = [str(bot)] if bot is not None else ["-m", BOT_MODULE]
+        self._args = [sys.executable, *program, "--local", str(address), "--output", str(output)]
         self.process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -291,14 +310,15 @@ async def _wait_for(predicate: Any, timeout: float, what: str, tick: Any = None)
 
 async def run_demo(
     output: Path,
-    bot: Path,
+    bot: Path | None = None,
     *,
     out: IO[str] = sys.stdout,
     seed: int = 2026,
     loss: float = 0.02,
     jitter: float = 0.012,
 ) -> DemoResult:
-    """Play the scene against ``bot`` and check what it wrote under ``output``."""
+    """Play the scene against ``bot`` (a script; ``None``: :data:`BOT_MODULE`) and check what it
+    wrote under ``output``."""
     import discord
 
     from .testing import FaultConfig, LocalDiscord, Schedule, close_client, connect_client
@@ -326,7 +346,9 @@ async def run_demo(
             code: int | None = None
             try:
                 print(
-                    f"demo: loopback Discord on 127.0.0.1:{local.port}; starting {bot}", file=out, flush=True
+                    f"demo: loopback Discord on 127.0.0.1:{local.port}; starting {bot or BOT_MODULE}",
+                    file=out,
+                    flush=True,
                 )
                 await process.start()
                 await process.wait_ready(60)
@@ -476,8 +498,9 @@ def _summary(result: DemoResult, out: IO[str]) -> None:
     print(
         f"Session: {report['duration']:.1f} s, {len(rows)} members, sinks {', '.join(DEMO_SINKS)}", file=out
     )
+    width = _columns()
     for line in table(("member", "speech", *_COLUMNS[2:]), rows):
-        print("  " + line, file=out)
+        print(_fit("  " + line, width), file=out)
     by_sink: dict[str, int] = {}
     for path in result.files:
         top = (
@@ -493,30 +516,44 @@ def _summary(result: DemoResult, out: IO[str]) -> None:
     if result.reply:
         print("The bot replied in the text channel:", file=out)
         for line in result.reply.splitlines():
-            print("  | " + line, file=out)
+            for part in textwrap.wrap(line, width=max(10, width - 5)) or [""]:
+                print("  | " + part, file=out)
 
 
-def main(argv: Sequence[str] | None = None, *, out: IO[str] | None = None) -> int:
-    """``listening demo [--output DIR] [--bot PATH]``: run the demo; 0 when every file was written."""
-    out = out or sys.stdout
-    parser = argparse.ArgumentParser(prog="listening demo", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``listening demo``."""
     parser.add_argument(
         "--output", default="recordings", help="where the session folder goes (default: recordings)"
     )
     parser.add_argument(
-        "--bot", help="the example bot to run (default: examples/record_bot.py of this checkout)"
+        "--bot",
+        metavar="PATH",
+        help=f"a bot script to run instead of the one that ships ({BOT_MODULE}); it takes "
+        "--local FILE and --output DIR as examples/record_bot.py does",
     )
     parser.add_argument("--seed", type=int, default=2026, help="seed of the simulated network faults")
+    parser.add_argument(
+        "--install-system-deps",
+        action="store_true",
+        help="install libopus with apt-get if it is missing (as root, Debian/Ubuntu)",
+    )
+
+
+def main(argv: Sequence[str] | None = None, *, out: IO[str] | None = None) -> int:
+    """``listening demo [--output DIR] [--bot PATH] [--seed N] [--install-system-deps]``: run the
+    demo; 0 when every file was written."""
+    out = out or sys.stdout
+    parser = argparse.ArgumentParser(prog="listening demo", description=(__doc__ or "").split("\n\n")[0])
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    bot = find_bot(args.bot)
-    checks = preflight(bot, out)
+    bot = Path(args.bot) if args.bot else None
+    checks = preflight(bot, out, install=args.install_system_deps)
     failed = [c for c in checks if not c.ok]
     if failed:
         print("listening demo cannot start:", file=sys.stderr)
         for check in failed:
             print(f"  {check.name}: {check.detail}\n    fix: {check.fix}", file=sys.stderr)
         return 1
-    assert bot is not None
     began = time.monotonic()
     try:
         result = asyncio.run(run_demo(Path(args.output), bot, out=out, seed=args.seed))

@@ -430,14 +430,28 @@ def check_sinks(
 
 
 def check_bot(bot: Path | None) -> list[CheckResult]:
-    """The example bot the demo runs (``examples/record_bot.py``, or ``--bot``) is a file."""
-    if bot is None or not bot.is_file():
+    """The bot the demo runs: ``bot`` (``--bot``) is a file, or (``None``) the one that ships,
+    :mod:`listening_core.ext.recorder`, imports."""
+    if bot is None:
+        try:
+            importlib.import_module("listening_core.ext.recorder")
+        except Exception as exc:
+            return [
+                CheckResult(
+                    "bot",
+                    "broken",
+                    f"listening_core.ext.recorder cannot be imported: {type(exc).__name__}: {exc}{_where(exc)}",
+                    _pip_install("listening-core", reinstall=True),
+                )
+            ]
+        return [CheckResult("bot", "ok", "listening_core.ext.recorder (ships with listening-core)")]
+    if not bot.is_file():
         return [
             CheckResult(
                 "bot",
                 "missing",
-                f"the example bot was not found ({bot or 'examples/record_bot.py'})",
-                "run the demo from a checkout of listening-core, or pass --bot PATH/record_bot.py",
+                f"the bot script was not found ({bot})",
+                "pass --bot the path of a bot script, or leave --bot out to run the bot that ships",
             )
         ]
     return [CheckResult("bot", "ok", str(bot))]
