@@ -1,7 +1,7 @@
 """The recording bot: a discord.py Cog, an extension and a runnable bot, built on listening-core.
 
 Commands (prefix ``!`` or slash, once synced with ``--sync``), typed by a member who is in a voice
-channel:
+channel::
 
     !record [SINK ...] [SINK.OPTION=VALUE ...]   join your voice channel and record
                                                  (default sinks: wav mixdown)
