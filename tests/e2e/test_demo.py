@@ -1,5 +1,8 @@
-"""``listening demo`` end to end: the unmodified example bot, in its own process, records a
-realistic channel through the loopback Discord, and what it wrote matches what was played."""
+"""``listening demo`` end to end: the recording bot that ships, in its own process, records a
+realistic channel through the loopback Discord, and what it wrote matches what was played.
+
+It runs as a user of the installed package would: from an empty directory elsewhere than the
+checkout, with nothing passed but ``--output``."""
 
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from PIL import Image
 from listening_core.demo import DEMO_SINKS, verify
 
 ROOT = Path(__file__).resolve().parents[2]
-BOT = ROOT / "examples" / "record_bot.py"
 
 START_TOLERANCE = 0.1  # s: a spurt's first frame vs when the loopback sent it
 END_TOLERANCE = 0.15  # s: its last frame
@@ -24,17 +26,9 @@ END_TOLERANCE = 0.15  # s: its last frame
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     where = tmp_path_factory.mktemp("demo")
+    assert not any(where.iterdir()) and ROOT not in where.parents
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "listening_core",
-            "demo",
-            "--output",
-            str(where / "recordings"),
-            "--bot",
-            str(BOT),
-        ],
+        [sys.executable, "-m", "listening_core", "demo", "--output", str(where / "recordings")],
         cwd=where,
         capture_output=True,
         text=True,
@@ -59,6 +53,10 @@ def test_demo_exits_0_with_every_file(demo: tuple[subprocess.CompletedProcess[st
         assert f"\n  {name}" in proc.stdout
     assert "The bot replied in the text channel" in proc.stdout
     assert "Task exception was never retrieved" not in proc.stderr
+    assert "starting listening_core.ext.recorder" in proc.stdout  # the bot that ships
+    assert "\x1b[" not in proc.stdout  # output to a pipe: plain lines, no cursor moves
+    # nothing but what was asked for: the session folder under --output
+    assert sorted(p.name for p in recordings.parent.iterdir()) == ["recordings"]
 
 
 @pytest.mark.timeout(300)
