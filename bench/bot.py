@@ -43,6 +43,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process's threads, by role (a profile that needs no sampler)."""
+    roles = {
+        "listening-core-receiver": "receiver",
+        "listening-core-delivery": "delivery",
+        "listening-core-pool-results": "pool results",
+        "voice-socket-reader": "socket reader (discord.py)",
+        "MainThread": "event loop",
+    }
+    by_role: dict[str, float] = {}
+    for thread in threading.enumerate():
+        if thread.native_id is None:
+            continue
+        role = next((r for prefix, r in roles.items() if thread.name.startswith(prefix)), "other")
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / _TICKS
+        by_role[role] = by_role.get(role, 0.0) + seconds
+    return by_role
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of process ``pid``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -118,6 +141,8 @@ class Bench:
             "time": time.monotonic(),
             "cpu": sum(cpu_seconds(pid) for pid in self.pids()),
             "cpu_main": cpu_seconds(os.getpid()),
+            "cpu_threads": thread_cpu_seconds(),
+            "cpu_workers": sum(cpu_seconds(pid) for pid in self.pool.processes),
             "frames": self.probe.frames,
             "kinds": dict(self.probe.kinds),
             "packets": sum(s.packets for s in stats),
@@ -150,6 +175,11 @@ class Bench:
                 "unattributed",
             )
         }
+        threads = {
+            role: round(seconds - before["cpu_threads"].get(role, 0.0), 3)
+            for role, seconds in now["cpu_threads"].items()
+        }
+        threads["decoding workers"] = round(now["cpu_workers"] - before["cpu_workers"], 3)
         drops = None
         if now["kernel_drops"] is not None and before["kernel_drops"] is not None:
             drops = now["kernel_drops"] - before["kernel_drops"]
@@ -157,6 +187,7 @@ class Bench:
             "seconds": round(delta["time"], 3),
             "cpu_seconds": round(delta["cpu"], 3),
             "cpu_main_seconds": round(delta["cpu_main"], 3),
+            "cpu_by_thread_seconds": threads,
             "frames": delta["frames"],
             "packets": delta["packets"],
             "lost": delta["lost"],

@@ -612,6 +612,7 @@ def _brief(result: dict[str, Any]) -> dict[str, Any]:
         "tries",
         "earlier_problems",
         "cpu_us_per_frame",
+        "cpu_by_thread_seconds",
         "frames",
         "seconds",
         "latency_p50_ms",
@@ -1058,6 +1059,7 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|",
         *(f"| {' | '.join(_cell(c) for c in row)} |" for row in _rows(r)),
     ]
+    lines += _where_the_time_goes(r)
     lines += [
         "",
         "How: a loopback Discord hosts the call; the bot under test runs in its own process and joins it",
@@ -1076,6 +1078,55 @@ def markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+#: Hand-written: what the profile says about each target not met, and what would close it.
+ANALYSIS = HERE / "analysis.md"
+
+
+def _where_the_time_goes(r: dict[str, Any]) -> list[str]:
+    """The pipeline-cost runs' CPU per frame by thread (read from /proc in the bot process, and its
+    decoding workers), then the hand-written analysis of the gaps."""
+    runs = {
+        int(n): c
+        for n, c in r.get("pipeline_cost", {}).items()
+        if c.get("held") and c.get("cpu_by_thread_seconds") and c.get("frames")
+    }
+    lines: list[str] = []
+    if runs:
+        roles = sorted(
+            {role for c in runs.values() for role in c["cpu_by_thread_seconds"]},
+            key=lambda role: (
+                -max(c["cpu_by_thread_seconds"].get(role, 0) / c["frames"] for c in runs.values())
+            ),
+        )
+        counts = sorted(runs)
+        lines += [
+            "",
+            "## Where the time goes",
+            "",
+            "CPU µs per delivered frame in each held pipeline-cost run, by thread of the bot process "
+            "(and its decoding worker processes), from `/proc` over the same window:",
+            "",
+            "| thread | " + " | ".join(f"{n} speakers" for n in counts) + " |",
+            "|---|" + "---|" * len(counts),
+        ]
+        for role in roles:
+            cells = [
+                f"{runs[n]['cpu_by_thread_seconds'].get(role, 0.0) / runs[n]['frames'] * 1e6:.1f}"
+                for n in counts
+            ]
+            lines.append(f"| {role} | " + " | ".join(cells) + " |")
+        floor = r.get("floor", {}).get("xchacha", {}).get("both", {}).get("best_us")
+        total = [f"{runs[n]['cpu_us_per_frame']}" for n in counts]
+        lines.append("| **all** | " + " | ".join(total) + " |")
+        if floor:
+            lines.append(
+                "| floor (decode + open, a tight loop) | " + " | ".join(f"{floor:.1f}" for _ in counts) + " |"
+            )
+    if ANALYSIS.exists():
+        lines += ["", ANALYSIS.read_text().rstrip()]
+    return lines
 
 
 def _parts(text: str) -> list[str]:
