@@ -135,7 +135,13 @@ async def _bot(args: argparse.Namespace) -> int:
                 if frame.arrival is not None and frame.kind is received and len(latency) < 2_000_000:
                     latency.append(monotonic() - frame.arrival)
 
-    consumer = asyncio.create_task(consume())
+    async def consume_pcm(rate: int) -> None:  # the loop under test, at rate Hz mono
+        per_frame = rate // 50
+        async with live.pcm(rate=rate, channels=1) as stream:
+            async for chunk in stream:
+                counts["frames"] += chunk.samples / per_frame  # in frames' worth of audio
+
+    consumer = asyncio.create_task(consume_pcm(args.pcm_rate) if args.pcm_rate else consume())
     print(f"READY {port}", flush=True)
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -159,7 +165,7 @@ async def _bot(args: argparse.Namespace) -> int:
             frames = counts["frames"] - mark["frames"]
             result = {
                 "seconds": round(seconds, 3),
-                "frames": frames,
+                "frames": round(frames),
                 "frames_per_second": round(frames / seconds, 1),
                 "cpu_main_seconds": round(cpu_seconds(os.getpid()) - mark["cpu"], 3),
                 "stream_dropped": sum(live.overflow.values()) - mark["overflow"],
@@ -184,10 +190,14 @@ async def _bot(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ a trial under load
 
 
-async def stream_trial(speakers: int, seconds: float = 5.0, *, warmup: float = 2.0) -> dict[str, Any]:
+async def stream_trial(
+    speakers: int, seconds: float = 5.0, *, warmup: float = 2.0, pcm_rate: int | None = None
+) -> dict[str, Any]:
     """One session of ``speakers`` members speaking for ``warmup + seconds`` (the load of
     :func:`bench.run.trial`: loopback Discord, no DAVE, XChaCha, the generator at real-time
-    pace), consumed by one ``async for`` loop in the bot; the figures of the last ``seconds``."""
+    pace), consumed by one ``async for`` loop in the bot; the figures of the last ``seconds``.
+    With ``pcm_rate``, the loop takes ``live.pcm(rate=pcm_rate, channels=1)`` (no latency then:
+    chunks carry no arrival time) and ``frames`` counts frames' worth of audio."""
     from listening_core.testing import LocalDiscord
 
     from .floor import speech_frames
@@ -210,6 +220,8 @@ async def stream_trial(speakers: int, seconds: float = 5.0, *, warmup: float = 2
                 str(address),
                 "--channel",
                 str(channel_id),
+                "--pcm-rate",
+                str(pcm_rate or 0),
                 cwd=ROOT,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -255,7 +267,11 @@ async def stream_trial(speakers: int, seconds: float = 5.0, *, warmup: float = 2
                 await asyncio.sleep(seconds)
                 bot.stdin.write(b"report\n")
                 await bot.stdin.drain()
-                result: dict[str, Any] = {"speakers": speakers, **await _read_json_line(bot.stdout, 60)}
+                result: dict[str, Any] = {
+                    "speakers": speakers,
+                    "consumer": f"pcm {pcm_rate} Hz mono" if pcm_rate else "frames",
+                    **await _read_json_line(bot.stdout, 60),
+                }
                 result["generator"] = await _read_json_line(generator.stdout, seconds + 120)
                 bot.stdin.write(b"stop\n")
                 await bot.stdin.drain()
@@ -283,15 +299,21 @@ async def stream_trial(speakers: int, seconds: float = 5.0, *, warmup: float = 2
                         await process.wait()
 
 
-def stream_bench(speakers: tuple[int, ...] = (10, 100), seconds: float = 5.0) -> dict[str, Any]:
+def stream_bench(
+    speakers: tuple[int, ...] = (10, 100), seconds: float = 5.0, *, pcm16k: bool = True
+) -> dict[str, Any]:
     """The hook for the suite (see the module docstring): ``{"throughput": {...}, "latency":
-    {"10": {...}, "100": {...}}}``."""
+    {"10": {...}, "100": {...}}, "pcm16k": {"10": {...}, "100": {...}}}`` (``pcm16k``: the same
+    trials with the loop taking 16 kHz mono chunks; left out with ``pcm16k=False``)."""
 
     async def run() -> dict[str, Any]:
-        return {
+        result = {
             "throughput": await loop_throughput(max(speakers)),
             "latency": {str(n): await stream_trial(n, seconds) for n in speakers},
         }
+        if pcm16k:
+            result["pcm16k"] = {str(n): await stream_trial(n, seconds, pcm_rate=16_000) for n in speakers}
+        return result
 
     return asyncio.run(run())
 
@@ -302,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     bot = sub.add_parser("bot", help="the bot side of a trial (started by stream_trial)")
     bot.add_argument("--address", required=True)
     bot.add_argument("--channel", type=int, required=True)
+    bot.add_argument("--pcm-rate", type=int, default=0, help="consume PCM chunks at this rate (0: frames)")
     parser.add_argument("--speakers", default="10,100", help="comma-separated speaker counts")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--no-pcm16k", action="store_true", help="leave out the 16 kHz chunk trials")
     args = parser.parse_args(argv)
     if args.command == "bot":
         import logging
@@ -311,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return asyncio.run(_bot(args))
     speakers = tuple(int(n) for n in args.speakers.split(",") if n)
-    print(json.dumps(stream_bench(speakers, args.seconds), indent=2))
+    print(json.dumps(stream_bench(speakers, args.seconds, pcm16k=not args.no_pcm16k), indent=2))
     return 0
 
 
