@@ -516,7 +516,7 @@ def _summary(result: DemoResult, out: IO[str]) -> None:
     if result.reply:
         print("The bot replied in the text channel:", file=out)
         for line in result.reply.splitlines():
-            for part in textwrap.wrap(line, width=max(10, width - 5)) or [""]:
+            for part in textwrap.wrap(line, width=max(10, width - 5), subsequent_indent="  ") or [""]:
                 print("  | " + part, file=out)
 
 
