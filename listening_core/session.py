@@ -124,7 +124,9 @@ class UserStats:
     frames: int = 0
     """Frames delivered to the sink, every kind included."""
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
-    """Packets dropped before ordering, by reason."""
+    """What was dropped or lost for this user, by reason: packets dropped before ordering, frames a
+    decoder failed on (``decoder-died``, ``decoder-error``), frames a live stream's consumer fell
+    too far behind to take (``stream-overflow``)."""
 
     def as_dict(self) -> dict[str, Any]:
         """These counts as a plain dict (``dropped`` as a dict of reason to count), e.g. for a JSON report."""
