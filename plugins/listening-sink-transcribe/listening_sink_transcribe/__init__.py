@@ -44,7 +44,7 @@ from listening_sink_vad import Segment, VadOptions, VadSegmentsSink
 
 from listening_core.hookspecs import EngineSpec, SinkSpec, Transcription, TranscriptionEngine, hookimpl
 from listening_core.plugins import OptionsError, SinkRegistry, default_registry, validate_options
-from listening_core.sinks import AudioFrame, AudioSink, RtcpPacket, SessionInfo, SinkError
+from listening_core.sinks import AudioFrame, AudioSink, SessionInfo, SinkError
 
 from .errors import TranscriptionError
 from .openai import OpenAIEngine, OpenAIOptions
@@ -255,9 +255,6 @@ class TranscribeSink(AudioSink):
             self._members[frame.user_id] = frame.member
         self._vad.on_audio(frame)
 
-    def on_rtcp(self, packet: RtcpPacket) -> None:
-        pass
-
     def on_stop(self, end: int) -> None:
         self._vad.on_stop(end)
 
@@ -271,9 +268,13 @@ class TranscribeSink(AudioSink):
             self._vad.cleanup()  # its last utterances come through _enqueue
         except Exception as exc:
             errors.append(exc)
-        for _ in self._workers:
-            self._queue.put(_STOP)  # blocks only while the workers empty a full backlog
+        # the backlog's utterances each wait at most timeout for a worker, then one transcription
         deadline = time.monotonic() + self.options.timeout + 5.0
+        for _ in self._workers:
+            try:  # waits only while the workers work off a full backlog
+                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                break
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         stuck = [w.name for w in self._workers if w.is_alive()]
@@ -288,6 +289,10 @@ class TranscribeSink(AudioSink):
                 break
             if isinstance(job, _Job):
                 self._miss(job.segment, "late", "the session ended before a worker took it")
+        if not self.options.keep_audio:  # the segmenter's manifest lists files that are gone
+            self._vad.manifest_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._vad.directory.rmdir()
         with self._lock:
             done = sorted(self.utterances, key=lambda u: (u.start, u.user_id))
             jsonl, self._jsonl = self._jsonl, None

@@ -156,7 +156,11 @@ async def test_three_members_overlapping_with_loss(local_discord: LocalDiscord, 
     for line in lines:
         assert line["ended_at"] - line["started_at"] == pytest.approx(line["end"] - line["start"], abs=0.002)
         assert line["audio"] is None
-    assert not list(tmp_path.rglob("*.wav"))  # keep_audio is off
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "transcript.jsonl",
+        "transcript.srt",
+        "transcript.vtt",
+    ]
 
     # the session.json section
     section = json.loads(json.dumps(sink.report()))["transcript"]
@@ -198,11 +202,13 @@ class FakeEngine:
 
 
 class FakePlugin:
-    def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
-        self.gate, self.fail = gate, fail
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False, broken: bool = False) -> None:
+        self.gate, self.fail, self.broken = gate, fail, broken
         self.engines: list[FakeEngine] = []
 
     def make(self, options: FakeOptions) -> FakeEngine:
+        if self.broken:
+            raise RuntimeError("no model here")
         engine = FakeEngine(options, self.gate, self.fail)
         self.engines.append(engine)
         return engine
@@ -297,6 +303,21 @@ def test_engine_errors_are_counted_per_member(tmp_path: Path, caplog: pytest.Log
     assert (tmp_path / "transcript.srt").read_text() == "" and (
         tmp_path / "transcript.vtt"
     ).read_text() == "WEBVTT\n"
+
+
+def test_an_engine_that_cannot_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sink = TranscribeSink(
+        TranscribeOptions(directory=tmp_path, engine="fake", keep_audio=True),
+        registry=registry_with(FakePlugin(broken=True)),
+    )
+    sink.on_start(SessionInfo(1, 2, time.time()))
+    with caplog.at_level(logging.WARNING):
+        sink.on_stop(feed(sink, THREE) + RATE)
+        sink.cleanup()
+    assert sink.missed() == {"backlog_full": 0, "late": 0, "failed": 3}
+    assert any(r.levelno == logging.ERROR and "no model here" in r.getMessage() for r in caplog.records)
+    assert len(warnings_about(caplog, "failed")) == 1
+    assert len(list((tmp_path / "audio").glob("*.wav"))) == 3  # keep_audio: the audio stays
 
 
 @pytest.mark.local_discord()
