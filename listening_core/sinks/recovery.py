@@ -81,7 +81,8 @@ def _recover_wav(path: pathlib.Path) -> int:
             head = fh.read(8)
             if len(head) < 8:
                 raise SinkError(f"{path}: no data chunk; nothing to recover")
-            chunk_id, chunk_size = head[:4], struct.unpack("<I", head[4:])[0]
+            chunk_id = head[:4]
+            chunk_size: int = struct.unpack("<I", head[4:])[0]
             if chunk_id == b"data":
                 data_start = pos + 8
                 break
@@ -93,8 +94,8 @@ def _recover_wav(path: pathlib.Path) -> int:
             pos += 8 + chunk_size + chunk_size % 2
         if len(fmt) < 14 or not struct.unpack("<H", fmt[12:14])[0]:
             raise SinkError(f"{path}: no fmt chunk before the data; not a WAV file this can repair")
-        block_align = struct.unpack("<H", fmt[12:14])[0]
-        declared = chunk_size
+        block_align: int = struct.unpack("<H", fmt[12:14])[0]
+        declared: int = chunk_size
         if rf64 and chunk_size == _U32:
             if len(ds64) < 24:
                 raise SinkError(f"{path}: an RF64 file without a ds64 chunk; not a WAV file this can repair")

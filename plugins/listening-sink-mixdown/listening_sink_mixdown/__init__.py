@@ -208,8 +208,9 @@ class MixdownSink(AudioHandlingSink):
     def _mixed(self, chunk: np.ndarray) -> np.ndarray:
         """Sums in the window, saturated to 16 bits once, in the file's channels."""
         if self.channels == 1:  # (left + right) / 2 of the sums, saturated once
-            return np.clip((chunk[:, 0].astype(np.int64) + chunk[:, 1]) // 2, -32768, 32767).astype(np.int16)
-        return np.clip(chunk, -32768, 32767).astype(np.int16)
+            chunk = (chunk[:, 0].astype(np.int64) + chunk[:, 1]) // 2
+        mixed: np.ndarray = np.clip(chunk, -32768, 32767).astype(np.int16)
+        return mixed
 
     def _write_ahead(self) -> None:
         """Put the window's mix, as it stands, on disk after what is written (see AudioFile.write_ahead).
