@@ -30,7 +30,8 @@ def real_libopus_path() -> Path:
 @pytest.fixture
 def discord_without_library(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """discord.py has loaded nothing yet, and LISTENING_CORE_LIBOPUS is not set."""
-    monkeypatch.delenv(LIBOPUS_ENV, raising=False)
+    monkeypatch.setenv(LIBOPUS_ENV, "")  # records its state, so what the loader sets is undone
+    monkeypatch.delenv(LIBOPUS_ENV)
     monkeypatch.setattr(discord_opus, "_lib", None)
     yield
 

@@ -34,7 +34,8 @@ class Frames(AudioSink):
 def only_discord_has_libopus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "libopus-given-to-discord.so"
     path.symlink_to(real_libopus_path())
-    monkeypatch.delenv(LIBOPUS_ENV, raising=False)
+    monkeypatch.setenv(LIBOPUS_ENV, "")  # records its state, so what the loader sets is undone
+    monkeypatch.delenv(LIBOPUS_ENV)
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     assert opus._search.__wrapped__() == LibopusSource("libopus.so.0", "default soname")
     # and that fallback soname is not installed either
