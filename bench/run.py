@@ -653,6 +653,45 @@ def resample_cost(speakers: int, seconds: float, retries: int) -> dict[str, Any]
     return out
 
 
+def streams_part(seconds: float, retries: int) -> dict[str, Any]:
+    """Live streams (``bench/streams.py``): what one ``async for`` loop takes when a thread feeds
+    it as fast as it can, then a real session at 10 and 100 speakers with one loop consuming
+    every frame, and one consuming 16 kHz mono chunks; a trial not held is run again."""
+    from .streams import loop_throughput, stream_trial
+
+    async def trial(speakers: int, pcm_rate: int | None) -> dict[str, Any]:
+        earlier: list[list[str]] = []
+        for attempt in range(1 + retries):
+            what = f"{pcm_rate} Hz chunks" if pcm_rate else "frames"
+            log(
+                f"live stream, {what}: {speakers} speakers, {seconds:.0f} s"
+                + (f" (try {attempt + 1})" if attempt else "")
+            )
+            result = await stream_trial(speakers, seconds, pcm_rate=pcm_rate)
+            behind = (result.get("generator") or {}).get("max_behind_ms") or 0
+            if behind > 20:
+                result["held"] = False
+                result["problems"].append(
+                    f"the generator fell {behind} ms behind (the machine is overloaded)"
+                )
+            if result["held"]:
+                break
+            log(f"  -> NOT held: {'; '.join(result['problems'])}")
+            earlier.append(result["problems"])
+        result["tries"] = attempt + 1
+        result["earlier_problems"] = earlier[:-1] if not result["held"] else earlier
+        return result
+
+    async def run() -> dict[str, Any]:
+        log("live stream throughput")
+        out: dict[str, Any] = {"throughput": await loop_throughput(100)}
+        out["frames"] = {str(n): await trial(n, None) for n in (10, 100)}
+        out["pcm16k"] = {str(n): await trial(n, 16_000) for n in (10, 100)}
+        return out
+
+    return asyncio.run(run())
+
+
 def idle_cost(sessions: int, seconds: float, retries: int) -> dict[str, Any]:
     """:func:`idle_trial` until a run is held, at most ``1 + retries`` runs."""
     earlier: list[list[str]] = []
@@ -698,7 +737,7 @@ def memory_over_time(speakers: int, seconds: float, retries: int) -> dict[str, A
 
 
 #: What ``--only`` can name; a full run measures them all.
-PARTS = ("floor", "capacity", "peer", "cost", "resample16", "idle", "dave", "memory")
+PARTS = ("floor", "capacity", "peer", "cost", "resample16", "idle", "dave", "memory", "streams")
 #: The pipeline cost's speaker counts (plus the per-user WAV capacity, when that is higher).
 COST_SPEAKERS = (10, 100, 300)
 
@@ -789,6 +828,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         results["idle"] = idle_cost(args.idle_sessions, args.idle_seconds, retries)
     if "dave" in parts:
         results["dave_cost"] = dave_cost(args.dave_speakers, args.cost_seconds, retries)
+    if "streams" in parts:
+        results["streams"] = streams_part(args.stream_seconds, retries)
     if "memory" in parts:
         results["memory_over_time"] = memory_over_time(100, args.soak_seconds, min(retries, 1))
     results["seed"] = (
@@ -1012,6 +1053,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "",
             )
         )
+    rows += _stream_rows(r.get("streams"))
     dc = r.get("dave_cost")
     if dc is None:
         rows.append(("DAVE's extra cost", NOT_RUN, "", ""))
@@ -1025,6 +1067,39 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(
             (f"DAVE's extra cost, {dc['speakers']} speakers", f"{dc['extra_us_per_frame']} µs/frame", "", "")
         )
+    return rows
+
+
+def _stream_rows(st: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    if st is None:
+        return [("live stream: one async for loop", NOT_RUN, "", "")]
+    tp = st["throughput"]
+    rows = [
+        (
+            "live stream: frames one async for loop takes, fed by a thread as fast as it can",
+            f"{tp['frames_per_second']:,} frames/s (the delivery thread's share: "
+            f"{tp['delivery_cpu_us_per_frame']} µs/frame)",
+            "",
+            "",
+        )
+    ]
+    for kind, label in (("frames", "every frame"), ("pcm16k", "16 kHz mono chunks")):
+        for n, t in st.get(kind, {}).items():
+            what = f"live stream, {n} speakers, one loop taking {label}"
+            if not t.get("held"):
+                rows.append((what, not_held(t), "", ""))
+            elif kind == "frames":
+                rows.append(
+                    (
+                        what,
+                        f"{t['frames_per_second']:,} frames/s; arrival to the loop p50 "
+                        f"{t['latency_p50_ms']} ms, p99 {t['latency_p99_ms']} ms",
+                        "",
+                        "",
+                    )
+                )
+            else:
+                rows.append((what, f"{t['frames_per_second']:,} frames/s, nothing dropped", "", ""))
     return rows
 
 
@@ -1163,6 +1238,7 @@ def main(argv: list[str] | None = None) -> int:
         "--soak-seconds", type=float, default=180.0, help="the memory run (600 for the 10-minute figure)"
     )
     parser.add_argument("--dave-speakers", type=int, default=40)
+    parser.add_argument("--stream-seconds", type=float, default=10.0, help="each live-stream trial")
     parser.add_argument("--resample-speakers", type=int, default=100, help="the 16 kHz vs 48 kHz WAV load")
     parser.add_argument(
         "--idle-sessions", type=int, default=20, help="listening sessions, each in a silent call"

@@ -138,6 +138,24 @@ def _results() -> dict[str, Any]:
             "without": {"held": True},
             "extra_us_per_frame": 5.0,
         },
+        "streams": {
+            "throughput": {"frames_per_second": 800000, "delivery_cpu_us_per_frame": 0.13},
+            "frames": {
+                "10": {
+                    "held": True,
+                    "frames_per_second": 500.0,
+                    "latency_p50_ms": 4.1,
+                    "latency_p99_ms": 8.4,
+                },
+                "100": {
+                    "held": True,
+                    "frames_per_second": 5000.0,
+                    "latency_p50_ms": 5.6,
+                    "latency_p99_ms": 14.6,
+                },
+            },
+            "pcm16k": {"10": {"held": True, "frames_per_second": 500.0}},
+        },
         "seed": "cannot run",
     }
 
@@ -163,6 +181,8 @@ def test_markdown_reports_every_target_with_its_verdict() -> None:
         "idle listening sessions (20)": ("listening's own 0.030 % of a core", "≤ 0.05 % of a core", "met"),
         "RSS per active speaker": ("0.29 MiB", "≤ 1 MiB", "met"),
         "DAVE's extra cost, 40 speakers": ("5.0 µs/frame", "", ""),
+        "live stream, 100 speakers, one loop taking every frame": ("p50 5.6 ms, p99 14.6 ms", "", ""),
+        "live stream, 10 speakers, one loop taking 16 kHz mono chunks": ("500.0 frames/s", "", ""),
     }
     for what, (measured, target, met) in expected.items():
         row = _row(text, what)
@@ -195,6 +215,7 @@ def test_a_run_that_was_not_held_shows_no_figure() -> None:
     }
     results["idle"] = {"sessions": 20} | bad
     results["memory_over_time"] |= bad
+    results["streams"]["frames"]["100"] = bad | {"latency_p99_ms": 25.0}
     text = markdown(results)
     for what in (
         "pipeline cost, 300 speakers",
@@ -203,6 +224,7 @@ def test_a_run_that_was_not_held_shows_no_figure() -> None:
         "16 kHz mono WAV",
         "idle listening sessions",
         "RSS late in a long run",
+        "live stream, 100 speakers, one loop taking every frame",
     ):
         row = _row(text, what)
         assert "not held (the generator fell 80 ms behind" in row and "3 tries" in row, row
