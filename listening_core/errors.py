@@ -84,6 +84,9 @@ else:
             return _state_error()
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+    def __dir__() -> list[str]:
+        return sorted({*globals(), "ListeningStateError"})
+
 
 @functools.cache
 def _state_error() -> type[Exception]:
