@@ -82,6 +82,7 @@ KNOWN_DISTRIBUTIONS: Mapping[str, str] = types.MappingProxyType(
         "vad-segments": "listening-sink-vad",
         "mixdown": "listening-sink-mixdown",
         "ogg-opus": "listening-sink-ogg",
+        "transcribe": "listening-sink-transcribe",
     }
 )
 """Sink name → the distribution that provides it, for the sinks this project publishes."""

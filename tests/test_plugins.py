@@ -295,9 +295,9 @@ def test_unknown_sink_normalises_spelling(registry: SinkRegistry) -> None:
 
 def test_unknown_other_sink_names_generic_distribution(registry: SinkRegistry) -> None:
     with pytest.raises(UnknownSinkError) as info:
-        registry.create("transcribe")
+        registry.create("karaoke")
     assert "did you mean" not in str(info.value)
-    assert "if 'transcribe' comes from a plugin, install it: pip install listening-sink-transcribe" in str(
+    assert "if 'karaoke' comes from a plugin, install it: pip install listening-sink-karaoke" in str(
         info.value
     )
 
