@@ -256,10 +256,10 @@ ENTRY_POINT_GROUP = "listening_core.sinks"
 SINK_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
 """What a sink name must match in full: lower-case ASCII letters, digits and ``-``."""
 
-hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookspec: pluggy.HookspecMarker = pluggy.HookspecMarker(PROJECT_NAME)
 """Marks the hook specifications below (used by this module only)."""
 
-hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+hookimpl: pluggy.HookimplMarker = pluggy.HookimplMarker(PROJECT_NAME)
 """Decorate a plugin's hook functions with this: ``@hookimpl def listening_sinks(): ...``."""
 
 

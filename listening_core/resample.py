@@ -38,8 +38,8 @@ class Resampler:
         self.in_rate = in_rate
         self.out_rate = out_rate
         self.channels = channels
-        self.samples_in = 0
-        self.samples_out = 0
+        self.samples_in: int = 0
+        self.samples_out: int = 0
         self._flushed = False
         self._stream: Any = None
         if in_rate != out_rate:

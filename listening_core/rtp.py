@@ -168,16 +168,16 @@ class RtpHeader:
         padding: bool = False,
         extension_body: bytes = b"",
     ) -> None:
-        self.marker = marker
-        self.payload_type = payload_type
-        self.sequence = sequence
-        self.timestamp = timestamp
-        self.ssrc = ssrc
-        self.csrc = csrc
-        self.extension_profile = extension_profile
-        self.extension_words = extension_words
-        self.padding = padding
-        self.extension_body = extension_body
+        self.marker: bool = marker
+        self.payload_type: int = payload_type
+        self.sequence: int = sequence
+        self.timestamp: int = timestamp
+        self.ssrc: int = ssrc
+        self.csrc: tuple[int, ...] = csrc
+        self.extension_profile: int | None = extension_profile
+        self.extension_words: int = extension_words
+        self.padding: bool = padding
+        self.extension_body: bytes = extension_body
 
     @property
     def header_size(self) -> int:
@@ -332,11 +332,11 @@ class RtcpHeader:
     def __init__(
         self, packet_type: int, ssrc: int, count: int = 0, length: int = 1, padding: bool = False
     ) -> None:
-        self.packet_type = packet_type
-        self.ssrc = ssrc
-        self.count = count
-        self.length = length
-        self.padding = padding
+        self.packet_type: int = packet_type
+        self.ssrc: int = ssrc
+        self.count: int = count
+        self.length: int = length
+        self.padding: bool = padding
 
     @property
     def packet_size(self) -> int:
@@ -378,10 +378,10 @@ class DiscoveryPacket:
     __slots__ = ("address", "port", "ssrc", "type")
 
     def __init__(self, type: int, ssrc: int, address: str = "", port: int = 0) -> None:
-        self.type = type
-        self.ssrc = ssrc
-        self.address = address
-        self.port = port
+        self.type: int = type
+        self.ssrc: int = ssrc
+        self.address: str = address
+        self.port: int = port
 
     @classmethod
     def request(cls, ssrc: int) -> DiscoveryPacket:

@@ -34,8 +34,8 @@ class SessionClock:
     def __init__(self, start: float, sample_rate: int = SAMPLE_RATE) -> None:
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        self.start = start
-        self.sample_rate = sample_rate
+        self.start: float = start
+        self.sample_rate: int = sample_rate
 
     def sample_at(self, t: float) -> int:
         """The session sample at monotonic time ``t``: ``round((t - start) * sample_rate)``."""
@@ -116,7 +116,7 @@ class StreamTimeline:
         self._ref_pos = 0
         self._last_end = 0
         self._last_silence: SilenceSpan | None = None
-        self.anchors = 0
+        self.anchors: int = 0
         """How many times the mapping was re-anchored after the first frame (for stats)."""
 
     def __repr__(self) -> str:

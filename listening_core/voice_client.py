@@ -66,7 +66,7 @@ class VoiceClient(discord.VoiceClient):
 
     def _init_listening(self) -> None:
         """The client's own state, before discord.py's (also what a test's socket-less client needs)."""
-        self.ssrc_map = SsrcMap()
+        self.ssrc_map: SsrcMap = SsrcMap()
         """What the voice gateway said about SSRCs: audio SSRC -> user, video/RTX SSRCs (ops 5, 12)."""
         self._receiver: AudioReceiver | None = None
         self._last_receiver: AudioReceiver | None = None

@@ -307,13 +307,13 @@ class AudioFile:
 
         if channels not in (1, 2):
             raise ValueError(f"channels must be 1 (mono) or 2 (stereo), got {channels}")
-        self.path = pathlib.Path(path)
+        self.path: pathlib.Path = pathlib.Path(path)
         self.format = format
         self.channels = channels
         self.sample_rate = sample_rate
-        self.position = 0  # session samples (48 kHz) covered, silence included
-        self.frames_written = 0  # samples per channel in the file (at sample_rate)
-        self.done = False
+        self.position: int = 0  # session samples (48 kHz) covered, silence included
+        self.frames_written: int = 0  # samples per channel in the file (at sample_rate)
+        self.done: bool = False
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._resampler = (

@@ -155,9 +155,9 @@ class FileNamer:
         reserved: Iterable[str] = (),
         option: str = "template",
     ) -> None:
-        self.placeholders = tuple(placeholders)
+        self.placeholders: tuple[str, ...] = tuple(placeholders)
         check_template(template, self.placeholders, option=option)
-        self.directory = pathlib.Path(directory)
+        self.directory: pathlib.Path = pathlib.Path(directory)
         self.template = template
         self.extension = extension
         self.started_format = started_format
@@ -283,7 +283,7 @@ class AudioFileSink(AudioHandlingSink):
         check_template(template)
         if channels not in (1, 2):
             raise ValueError(f"channels must be 1 (mono) or 2 (stereo), got {channels}")
-        self.directory = pathlib.Path(directory)
+        self.directory: pathlib.Path = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.template = template
         self.channels = channels

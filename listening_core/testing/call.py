@@ -77,9 +77,9 @@ class VoiceCall:
         self.modes = modes
         self.dave_version = dave_version
         self.dave_required = dave_required
-        self.dave = DaveGroup(channel_id, max(dave_version, 1))
-        self.relay = UdpRelay(self, faults, record=record)
-        self.stats = CallStats()
+        self.dave: DaveGroup = DaveGroup(channel_id, max(dave_version, 1))
+        self.relay: UdpRelay = UdpRelay(self, faults, record=record)
+        self.stats: CallStats = CallStats()
         self.sessions: dict[int, VoiceSession] = {}
         self.virtual: dict[int, Participant] = {}
         self._tokens: dict[int, tuple[str, str]] = {}  # user id -> (session id, token)
@@ -87,10 +87,10 @@ class VoiceCall:
         self._ssrcs: set[int] = set()
         self._grace: dict[int, asyncio.TimerHandle] = {}
         self.udp_host = "127.0.0.1"
-        self.udp_port = 0
+        self.udp_port: int = 0
         self._route_lock = asyncio.Lock()
         self._transition_timers: dict[int, asyncio.TimerHandle] = {}
-        self.closed = False
+        self.closed: bool = False
 
     async def start(self) -> None:
         """Open the call's UDP relay socket on 127.0.0.1 (an ephemeral port, then in ``udp_port``)."""

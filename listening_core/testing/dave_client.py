@@ -130,11 +130,11 @@ class DaveClient(RecognisedUsers):
         self.mls_failures: list[tuple[str, str]] = []
         """``(operation, error)`` for every op 27 davey refused."""
         self.session: davey.DaveSession | None = None
-        self.protocol_version = 0
+        self.protocol_version: int = 0
         self.pending_transitions: dict[int, int] = {}
         self.executed_transitions: list[int] = []
         self.invalid_reports: list[int] = []
-        self.downgraded = False
+        self.downgraded: bool = False
         """discord.py's ``dave_downgraded``: set when a transition to version 0 executes."""
         self.passthrough_calls: list[tuple[bool, int]] = []
         """Every ``set_passthrough_mode(mode, expiry)`` call made on the session, in order."""

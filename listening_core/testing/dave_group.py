@@ -184,10 +184,10 @@ class DaveGroup:
         if protocol_version != 1:
             raise ValueError(f"unsupported DAVE protocol version {protocol_version}")
         self.channel_id = channel_id
-        self.protocol_version = protocol_version
+        self.protocol_version: int = protocol_version
         """The DAVE protocol version in effect: 1, or 0 after a downgrade has executed."""
-        self.group_id = channel_id.to_bytes(8, "big")
-        self.sender = sender if sender is not None else ExternalSender()
+        self.group_id: bytes = channel_id.to_bytes(8, "big")
+        self.sender: ExternalSender = sender if sender is not None else ExternalSender()
         self.ghost_user_id = ghost_user_id
         self.epoch: int | None = None
         self.transitions: list[Transition] = []

@@ -176,9 +176,9 @@ class FaultInjector:
     __slots__ = ("_burst_left", "_rng", "config", "stats", "stream")
 
     def __init__(self, config: FaultConfig, stream: str | int = "") -> None:
-        self.config = config
-        self.stream = stream
-        self.stats = FaultStats()
+        self.config: FaultConfig = config
+        self.stream: str | int = stream
+        self.stats: FaultStats = FaultStats()
         self._rng = random.Random(_stream_seed(config.seed, stream))
         self._burst_left = 0
 

@@ -85,12 +85,12 @@ class LibdaveClient(RecognisedUsers):
         self._passthrough: set[int] = set()
         self.ssrc = 0
         self._ssrcs_assigned: set[int] = set()
-        self.protocol_version = 0
+        self.protocol_version: int = 0
         """The version of the last executed transition: what the encryptor sends with."""
         self.pending_transitions: dict[int, int] = {}
         self.executed_transitions: list[int] = []
         self.invalid_reports: list[int] = []
-        self.downgraded = False
+        self.downgraded: bool = False
         self.passthrough_calls: list[tuple[bool, int]] = []
         """Kept for :class:`DaveClient`'s interface; libdave's session has no passthrough switch."""
 

@@ -72,7 +72,7 @@ class GatewayConnection:
         self._seq = 0
         self._lock = asyncio.Lock()
         self.account: Account | None = None
-        self.session_id = secrets.token_hex(16)
+        self.session_id: str = secrets.token_hex(16)
 
     async def send(self, op: int, d: Any, t: str | None = None) -> None:
         if self.ws.closed:

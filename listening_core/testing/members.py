@@ -102,7 +102,7 @@ class VirtualMember:
             raise ValueError("padding must be 0..255 bytes")
         self._discord = discord
         self.user = user
-        self.user_id = user.id
+        self.user_id: int = user.id
         self.extension_body = extension_body
         self.padding = padding
         self.speaking_delay = speaking_delay
@@ -110,22 +110,22 @@ class VirtualMember:
         self.enforce_recognised = enforce_recognised
         self.spurt_burst = spurt_burst
         self._rng = rng or random.Random(user.id)
-        self.ssrc = 0
-        self.video_ssrc = 0
-        self.joined = False
+        self.ssrc: int = 0
+        self.video_ssrc: int = 0
+        self.joined: bool = False
         self.udp_addr: tuple[str, int] | None = None
         self.cipher: TransportCipher | None = None
-        self.speaking = 0
+        self.speaking: int = 0
         self.call: VoiceCall | None = None
         self.dave: Any = None
         """Its DAVE client: a :class:`DaveClient` or a ``LibdaveClient`` (same interface)."""
         self.sent: list[SentOpus] = []
-        self.unsent_not_ready = 0
+        self.unsent_not_ready: int = 0
         self._seq = self._rng.randrange(0, 1 << 16)
         self._ts_base = self._rng.randrange(0, 1 << 32)
         self._epoch: float | None = None
-        self.rtx_ssrc = 0
-        self.video_sent = 0
+        self.rtx_ssrc: int = 0
+        self.video_sent: int = 0
         self._video_seq = self._rng.randrange(0, 1 << 16)
         self._video_ts = self._rng.randrange(0, 1 << 32)
         self._tasks: set[asyncio.Task[Any]] = set()

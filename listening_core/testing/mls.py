@@ -123,9 +123,9 @@ class Reader:
     __slots__ = ("data", "pos", "what")
 
     def __init__(self, data: bytes, what: str = "MLS data", pos: int = 0) -> None:
-        self.data = bytes(data)
-        self.pos = pos
-        self.what = what
+        self.data: bytes = bytes(data)
+        self.pos: int = pos
+        self.what: str = what
 
     @property
     def remaining(self) -> int:
@@ -557,7 +557,7 @@ class ExternalSender:
     def __init__(
         self, identity: bytes = b"listening_core", private_key: ec.EllipticCurvePrivateKey | None = None
     ) -> None:
-        self.identity = bytes(identity)
+        self.identity: bytes = bytes(identity)
         self._key = private_key if private_key is not None else ec.generate_private_key(ec.SECP256R1())
         if not isinstance(self._key.curve, ec.SECP256R1):
             raise ValueError("the external sender key must be on P-256")

@@ -82,7 +82,7 @@ class UdpRelay(asyncio.DatagramProtocol):
         self._roster = roster
         self.faults = faults
         self.record = record
-        self.stats = RelayStats()
+        self.stats: RelayStats = RelayStats()
         self.transport: asyncio.DatagramTransport | None = None
         self._injectors: dict[tuple[int, int], FaultInjector] = {}
         #: (sender user id, recipient user id) -> what was sent, in order

@@ -41,7 +41,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, code: int = 0) -> None:
         super().__init__(message)
-        self.response = _error(status, message, code)
+        self.response: web.Response = _error(status, message, code)
 
 
 class RestApi:

@@ -115,21 +115,21 @@ class LocalDiscord:
         unknown = [m for m in modes if m not in SUPPORTED_MODES]
         if unknown or not modes:
             raise ValueError(f"modes must be a non-empty subset of {SUPPORTED_MODES}, got {modes!r}")
-        self.modes = tuple(modes)
+        self.modes: tuple[str, ...] = tuple(modes)
         self.dave_version = dave
-        self.dave_required = dave_required and dave > 0
-        self.faults = faults or FaultConfig(seed=seed)
+        self.dave_required: bool = dave_required and dave > 0
+        self.faults: FaultConfig = faults or FaultConfig(seed=seed)
         self.seed = seed
         self.record = record
         self.dave_delay = dave_delay
         if transition_timeout is not None and not transition_timeout > 0:
             raise ValueError(f"transition_timeout must be > 0 seconds or None, got {transition_timeout!r}")
         self.transition_timeout = transition_timeout
-        self.rng = random.Random(seed)
-        self.world = World(guild_name=guild_name)
-        self.gateway = MainGateway(self)
-        self.rest = RestApi(self)
-        self.voice = VoiceGateway(self)
+        self.rng: random.Random = random.Random(seed)
+        self.world: World = World(guild_name=guild_name)
+        self.gateway: MainGateway = MainGateway(self)
+        self.rest: RestApi = RestApi(self)
+        self.voice: VoiceGateway = VoiceGateway(self)
         self.calls: dict[int, VoiceCall] = {}
         self._calls_by_host: dict[str, VoiceCall] = {}
         self._endpoint_counter = 0

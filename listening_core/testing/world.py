@@ -124,11 +124,11 @@ class World:
         self._counter = itertools.count(1)
         self.users: dict[int, User] = {}
         self.accounts: dict[str, Account] = {}
-        self.owner = self.add_user("guild-owner")
-        self.guild_id = self.snowflake()
+        self.owner: User = self.add_user("guild-owner")
+        self.guild_id: int = self.snowflake()
         self.guild_name = guild_name
-        self.text_channel_id = self.snowflake()
-        self.voice_channel_ids = [self.snowflake() for _ in range(voice_channels)]
+        self.text_channel_id: int = self.snowflake()
+        self.voice_channel_ids: list[int] = [self.snowflake() for _ in range(voice_channels)]
         self.members: dict[int, datetime.datetime] = {self.owner.id: datetime.datetime.now(datetime.UTC)}
         #: user id -> (channel id, voice session id) for members in a voice channel
         self.voice_states: dict[int, tuple[int, str]] = {}
