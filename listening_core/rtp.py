@@ -14,6 +14,7 @@ import enum
 import logging
 import struct
 from collections.abc import Sequence
+from typing import ClassVar
 
 from .errors import PacketError
 
@@ -248,7 +249,7 @@ class RtpHeader:
             return NotImplemented
         return all(getattr(self, name) == getattr(other, name) for name in RtpHeader.__slots__)
 
-    __hash__ = None  # type: ignore[assignment]  # mutable
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
         ext = (
@@ -363,7 +364,7 @@ class RtcpHeader:
             return NotImplemented
         return all(getattr(self, name) == getattr(other, name) for name in RtcpHeader.__slots__)
 
-    __hash__ = None  # type: ignore[assignment]  # mutable
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
         return f"<RtcpHeader pt={self.packet_type} ssrc={self.ssrc} count={self.count} length={self.length}>"
@@ -432,7 +433,7 @@ class DiscoveryPacket:
             other.port,
         )
 
-    __hash__ = None  # type: ignore[assignment]  # mutable
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
         return (

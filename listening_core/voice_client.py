@@ -44,6 +44,8 @@ from .sinks import AudioSink, MultiSink, _unused_name
 from .ssrc_map import SsrcMap
 
 if TYPE_CHECKING:
+    from discord.types.voice import SupportedModes
+
     from .hookspecs import SinkSpec
     from .plugins import SinkRegistry
 
@@ -58,7 +60,11 @@ RECEIVE_BUFFER = 4 * 1024 * 1024
 class VoiceClient(discord.VoiceClient):
     """A :class:`discord.VoiceClient` that can receive audio. See the module docstring."""
 
-    supported_modes = ("aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize")  # type: ignore[assignment]
+    # discord.py's SupportedModes does not list aead_aes256_gcm_rtpsize, which this client adds
+    supported_modes: tuple[SupportedModes, ...] = (  # type: ignore[assignment]
+        "aead_aes256_gcm_rtpsize",
+        "aead_xchacha20_poly1305_rtpsize",
+    )
 
     def __init__(self, client: discord.Client, channel: discord.abc.Connectable) -> None:
         self._init_listening()
@@ -428,8 +434,8 @@ class _Link:
         guild = vc.guild
         self.guild_id: int | None = guild.id if guild is not None else None
         self.loop: asyncio.AbstractEventLoop = vc.loop
-        self.ssrcs = vc.ssrc_map
-        self.dave = ConnectionDave(vc._connection)
+        self.ssrcs: SsrcMap = vc.ssrc_map
+        self.dave: ConnectionDave = ConnectionDave(vc._connection)
 
     def transport_keys(self) -> tuple[str | None, Any]:
         conn = self._vc._connection

@@ -138,7 +138,7 @@ class LocalDiscord:
         )
         self._client_ssl = self._ca.client_context()
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port: int = 0
         self._members: dict[int, VirtualMember] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -163,7 +163,7 @@ class LocalDiscord:
         await site.start()
         server = site._server
         assert server is not None and isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = int(server.sockets[0].getsockname()[1])
         _log.info("loopback Discord listening on 127.0.0.1:%d", self.port)
 
     async def close(self) -> None:
