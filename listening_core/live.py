@@ -230,8 +230,8 @@ class _Stream:
         _check_maxsize(maxsize)
         self._sink = sink
         self._user_id = user_id
-        self.maxsize = maxsize
-        self.dropped = 0
+        self.maxsize: int = maxsize
+        self.dropped: int = 0
         """Frames this stream dropped because its consumer fell behind."""
         self._queue: collections.deque[AudioFrame] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -372,8 +372,8 @@ class PcmStream(_Stream):
 
         self._np = numpy
         self._resample = resample
-        self.rate = rate
-        self.channels = channels
+        self.rate: int = rate
+        self.channels: int = channels
         self._tracks: dict[int, _Track] = {}
         self._out: collections.deque[PcmChunk] = collections.deque()
         super().__init__(sink, user_id, maxsize)
