@@ -3,12 +3,17 @@
 Each member's audio is cut into utterances by the ``vad-segments`` sink's segmenter
 (:class:`listening_sink_vad.VadSegmentsSink`, writing 16 kHz mono WAVs under
 ``{directory}/audio``; its options ``aggressiveness``, ``frame_ms``, ``padding_ms``,
-``min_speech_ms`` and ``max_silence_ms`` carry over). Each finished utterance goes to a bounded
-backlog (``max_backlog``) that ``workers`` threads of this sink take from and hand to a
-transcription engine, chosen by name (``engine``) among the engines plugins provide through the
-``listening_transcription_engines`` hook; this distribution provides ``faster-whisper`` (local)
-and ``openai`` (an OpenAI-compatible HTTP server). Reception never waits for an engine: the
-delivery thread only queues.
+``min_speech_ms`` and ``max_silence_ms`` carry over). A Discord client stops sending when its
+member stops speaking, and the segmenter hears nothing more from them: once a member has sent
+nothing for ``max_silence_ms`` (and :data:`IDLE_MARGIN`), the sink hands the segmenter somewhat
+more silence than that after their last frame, so their utterance ends then, not when they next
+speak.
+
+Each finished utterance goes to a bounded backlog (``max_backlog``) that ``workers`` threads of
+this sink take from and hand to a transcription engine, chosen by name (``engine``) among the
+engines plugins provide through the ``listening_transcription_engines`` hook; this distribution
+provides ``faster-whisper`` (local) and ``openai`` (an OpenAI-compatible HTTP server). Reception
+never waits for an engine: the delivery thread only queues.
 
 An utterance that cannot be transcribed in time is counted per member and logged at WARNING the
 first time for that member and reason, never dropped silently:
@@ -44,7 +49,7 @@ from listening_sink_vad import Segment, VadOptions, VadSegmentsSink
 
 from listening_core.hookspecs import EngineSpec, SinkSpec, Transcription, TranscriptionEngine, hookimpl
 from listening_core.plugins import OptionsError, SinkRegistry, default_registry, validate_options
-from listening_core.sinks import AudioFrame, AudioSink, SessionInfo, SinkError
+from listening_core.sinks import AudioFrame, AudioSink, FrameKind, SessionInfo, SinkError
 
 from .errors import TranscriptionError
 from .openai import OpenAIEngine, OpenAIOptions
@@ -70,6 +75,12 @@ _log = logging.getLogger(__name__)
 
 MISSED_REASONS = ("backlog_full", "late", "failed")
 """Why an utterance has no text (the per-member counters of :meth:`TranscribeSink.report`)."""
+
+IDLE_MARGIN = 0.6
+"""Seconds past ``max_silence_ms`` of nothing received from a member before their utterance is ended.
+The silence handed to the segmenter is ``max_silence_ms`` and ten of its frames (up to 300 ms, for
+webrtcvad's hangover); the rest is room for jitter, so that a frame that comes after all never lands
+in the silence the sink filled in."""
 
 EVENT = "listening_transcript"
 """The discord.py event dispatched per utterance: ``on_listening_transcript(member, utterance, vc)``."""
@@ -98,7 +109,8 @@ class Utterance:
     """The engine's confidence in :attr:`text` (0 to 1), or ``None`` if it gives none."""
     engine: str
     latency: float
-    """Seconds from the utterance's end being detected to its text being ready."""
+    """Seconds from the end of the speech (:attr:`ended_at`) to the text being ready, by the wall
+    clock: the wait for ``max_silence_ms`` of silence, the backlog and the engine."""
     audio: str | None = None
     """The utterance's WAV, relative to the sink's directory (``None`` unless ``keep_audio``)."""
 
@@ -215,6 +227,10 @@ class TranscribeSink(AudioSink):
                 option="engine_options",
             ) from exc
         self._vad = VadSegmentsSink(options.vad_options(on_segment=self._enqueue))
+        self._vad_lock = threading.Lock()  # the delivery thread and the idle thread feed the segmenter
+        self._heard: dict[int, tuple[int, float]] = {}  # user -> (end of their last frame, when it came)
+        self._idle_stop = threading.Event()
+        self._idle: threading.Thread | None = None
         self._queue: queue.Queue[_Job | object] = queue.Queue(options.max_backlog)
         self._lock = threading.Lock()
         self._engine: TranscriptionEngine | None = None
@@ -243,6 +259,12 @@ class TranscribeSink(AudioSink):
         except OSError as exc:
             raise SinkError(f"transcribe: cannot open {path}: {exc}") from exc
         self._vad.on_start(session)
+        self._idle = threading.Thread(
+            target=self._end_idle_utterances,
+            name=f"listening-transcribe-idle-{session.channel_id}",
+            daemon=True,
+        )
+        self._idle.start()
         for i in range(self.options.workers):
             worker = threading.Thread(
                 target=self._work, name=f"listening-transcribe-{session.channel_id}-{i}", daemon=True
@@ -253,16 +275,44 @@ class TranscribeSink(AudioSink):
     def on_audio(self, frame: AudioFrame) -> None:
         if frame.member is not None:
             self._members[frame.user_id] = frame.member
-        self._vad.on_audio(frame)
+        with self._vad_lock:
+            self._vad.on_audio(frame)
+            self._heard[frame.user_id] = (frame.end, time.monotonic())
 
     def on_stop(self, end: int) -> None:
-        self._vad.on_stop(end)
+        self._stop_idle()
+        with self._vad_lock:
+            self._vad.on_stop(end)
+
+    def _stop_idle(self) -> None:
+        self._idle_stop.set()
+        if self._idle is not None:
+            self._idle.join()
+
+    def _end_idle_utterances(self) -> None:
+        """Hand the segmenter ``max_silence_ms`` of silence after the last frame of each member who
+        has sent nothing for that long (and :data:`IDLE_MARGIN`), once per pause."""
+        quiet = self.options.max_silence_ms / 1000 + IDLE_MARGIN
+        samples = (self.options.max_silence_ms + 10 * self.options.frame_ms) * 48
+        while not self._idle_stop.wait(0.1):
+            now = time.monotonic()
+            with self._vad_lock:
+                for user_id, (end, when) in list(self._heard.items()):
+                    if now - when < quiet:
+                        continue
+                    del self._heard[user_id]
+                    silence = AudioFrame(user_id, 0, 0, 0, end, FrameKind.SILENCE, bytes(samples * 4))
+                    try:
+                        self._vad.on_valid_audio(silence)
+                    except Exception:
+                        _log.exception("transcribe: ending the utterance of %d after a pause failed", user_id)
 
     def cleanup(self) -> None:
         """Finish the open utterances, wait for the backlog (up to ``timeout``), write SRT and VTT."""
         if self._closed:
             return
         self._closed = True
+        self._stop_idle()
         errors: list[BaseException] = []
         try:
             self._vad.cleanup()  # its last utterances come through _enqueue
@@ -403,10 +453,11 @@ class TranscribeSink(AudioSink):
             except Exception as exc:
                 self._miss(segment, "failed", f"{type(exc).__name__}: {exc}")
                 continue
-            self._deliver(segment, heard, time.monotonic() - job.ended)
+            self._deliver(segment, heard)
 
-    def _deliver(self, segment: Segment, heard: Transcription, latency: float) -> None:
+    def _deliver(self, segment: Segment, heard: Transcription) -> None:
         started = self._session.started_at if self._session is not None else 0.0
+        latency = time.time() - (started + segment.speech_end)
         utterance = Utterance(
             user_id=segment.user_id,
             user=segment.user,

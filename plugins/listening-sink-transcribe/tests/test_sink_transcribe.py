@@ -7,6 +7,7 @@ wheel (a test dependency): nothing is downloaded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -241,6 +242,30 @@ def warnings_about(caplog: pytest.LogCaptureFixture, reason: str) -> list[loggin
     return [r for r in caplog.records if r.levelno == logging.WARNING and f"({reason}:" in r.getMessage()]
 
 
+def test_an_utterance_ends_when_its_member_stops_sending(tmp_path: Path) -> None:
+    # Discord clients send nothing while their member is silent: the last utterance must not wait
+    # for the member's next words (or the session's end) to be transcribed.
+    sink = TranscribeSink(
+        TranscribeOptions(directory=tmp_path, engine="fake"), registry=registry_with(FakePlugin())
+    )
+    sink.on_start(SessionInfo(1, 2, time.time()))
+    end = feed(sink, THREE[: 150_000 * 4])  # up to just after the second phrase
+    deadline = time.monotonic() + 10
+    while len(sink.utterances) < 2:
+        assert time.monotonic() < deadline, sink.utterances
+        time.sleep(0.05)
+    # after max_silence_ms + IDLE_MARGIN of nothing; the silence filled in is the member's own
+    truth = json.loads(clip_path("three-phrases").with_suffix(".json").read_text())["phrases"]
+    for utterance, phrase in zip(sink.utterances, truth, strict=False):
+        assert abs(utterance.end - (RATE + phrase["end_sample"]) / RATE) <= 0.1
+    sink.on_audio(
+        AudioFrame(7, 7, 9999, 0, end + 2 * RATE, FrameKind.RECEIVED, bytes(FRAME * 4))
+    )  # speaks again
+    sink.on_stop(end + 3 * RATE)
+    sink.cleanup()
+    assert len(sink.utterances) == 2 and sink.missed() == {"backlog_full": 0, "late": 0, "failed": 0}
+
+
 def test_a_stalled_engine_never_stalls_delivery(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     gate = threading.Event()
     plugin = FakePlugin(gate)
@@ -324,10 +349,10 @@ def test_an_engine_that_cannot_start(tmp_path: Path, caplog: pytest.LogCaptureFi
 async def test_reception_loses_nothing_while_the_engine_is_saturated(
     local_discord: LocalDiscord, tmp_path: Path
 ) -> None:
-    plugin = FakePlugin()
+    gate = threading.Event()  # the engine answers nothing until every utterance has ended
     sink = TranscribeSink(
-        TranscribeOptions(directory=tmp_path, engine="fake", engine_options={"delay": 1.5}, max_backlog=1),
-        registry=registry_with(plugin),
+        TranscribeOptions(directory=tmp_path, engine="fake", max_backlog=1),
+        registry=registry_with(FakePlugin(gate)),
     )
     frames: dict[int, int] = {}
     original = sink.on_audio
@@ -338,10 +363,20 @@ async def test_reception_loses_nothing_while_the_engine_is_saturated(
         original(frame)
 
     sink.on_audio = counting  # type: ignore[method-assign]
+
+    async def release_once_all_ended(rec: Any) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while sum(m["utterances"] for m in sink.report()["transcript"]["members"]) < 3:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        gate.set()
+
     rec = await record(
         local_discord,
         sink,
-        schedules={name: Schedule.from_clips(clips) for name, clips in SPOKEN.items()},
+        # one utterance each: the first in the engine, the second waiting, the third finds the backlog full
+        schedules={name: Schedule.from_clips(clips[:1]) for name, clips in SPOKEN.items()},
+        during=release_once_all_ended,
         timeout=60,
     )
     assert rec.error is None
@@ -351,7 +386,7 @@ async def test_reception_loses_nothing_while_the_engine_is_saturated(
         assert frames[member.user_id] == len(member.sent)  # every frame sent reached the sink
         stats = rec.stats[member.user_id]
         assert stats.lost == stats.concealed == 0 and not stats.dropped
-    assert len(sink.utterances) + sum(sink.missed().values()) == 6
+    assert len(sink.utterances) + sum(sink.missed().values()) == 3
 
 
 # ------------------------------------------------------------------------------ the plugin
