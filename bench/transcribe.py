@@ -9,9 +9,10 @@ names another directory) has a queue to work off. Per member count it reports:
 
 - ``rtf``: the engine's real-time factor, seconds spent in ``transcribe()`` over seconds of
   utterance audio handed to it (below 1: faster than real time, on one worker);
-- ``latency_p50`` / ``latency_p95``: seconds from an utterance's end being detected to its text
-  (queueing behind the other members' utterances included: with N members speaking at once the
-  last of them waits for N-1 others);
+- ``latency_p50`` / ``latency_p95``: seconds from the end of an utterance's speech to its text,
+  by the wall clock: the wait for ``max_silence_ms`` of silence (and the sink's margin), then the
+  queue behind the other members' utterances (with N members stopping at once the last of them
+  waits for N-1 others), then the engine;
 - ``received`` / ``sent``: frames the sink got against frames the members sent, and ``lost``,
   ``concealed`` and ``dropped`` from the session's stats: all must show nothing lost while the
   engine was busy (``held``).
