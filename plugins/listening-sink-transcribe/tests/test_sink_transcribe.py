@@ -430,6 +430,17 @@ def test_listening_plugins_lists_the_sink_and_its_engines() -> None:
         assert engine in done.stdout
     for option in ("engine_options", "max_silence_ms", "compute_type", "api_key_env"):
         assert option in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "listening_core", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    engines = {engine["name"]: engine for engine in json.loads(done.stdout)["engines"]}
+    assert engines["faster-whisper"]["distribution"] == "listening-sink-transcribe"
+    options = {name: {option["name"] for option in engine["options"]} for name, engine in engines.items()}
+    assert {"model", "device", "compute_type"} <= options["faster-whisper"]
+    assert {"base_url", "model", "api_key_env", "timeout"} <= options["openai"]
 
 
 def test_whisper_engine_on_a_clip() -> None:
