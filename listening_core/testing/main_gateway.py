@@ -75,6 +75,8 @@ class GatewayConnection:
         self.session_id: str = secrets.token_hex(16)
 
     async def send(self, op: int, d: Any, t: str | None = None) -> None:
+        """Send one gateway payload (op ``op``, data ``d``; a dispatch numbered and named ``t``),
+        compressed if the client asked for it; nothing once the websocket is closed."""
         if self.ws.closed:
             return
         payload: dict[str, Any] = {"op": op, "d": d}
@@ -92,9 +94,11 @@ class GatewayConnection:
                     await self.ws.send_bytes(self._compress(raw))
 
     async def dispatch(self, event: str, data: Any) -> None:
+        """Send the dispatch event ``event`` (op 0) with ``data``."""
         await self.send(DISPATCH, data, event)
 
     async def close(self, code: int, reason: str) -> None:
+        """Close the websocket with ``code`` and ``reason``, as Discord ends a gateway session."""
         _log.info("loopback gateway: closing a connection with %d (%s)", code, reason)
         await self.ws.close(code=code, message=reason.encode())
 

@@ -40,15 +40,21 @@ class Endpoint(Protocol):
     @property
     def is_virtual(self) -> bool: ...
 
-    def next_counter(self) -> int: ...
+    def next_counter(self) -> int:
+        """The next transport nonce counter for a packet sealed for this participant."""
+        ...
 
 
 class Roster(Protocol):
     """What the relay needs from the call: who is in it."""
 
-    def endpoints(self) -> list[Endpoint]: ...
+    def endpoints(self) -> list[Endpoint]:
+        """Everyone in the call."""
+        ...
 
-    def endpoint_by_ssrc(self, ssrc: int) -> Endpoint | None: ...
+    def endpoint_by_ssrc(self, ssrc: int) -> Endpoint | None:
+        """The participant sending with ``ssrc`` (audio or video), or None."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

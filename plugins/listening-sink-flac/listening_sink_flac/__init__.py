@@ -65,4 +65,5 @@ def recover(path: str | os.PathLike[str]) -> int:
 
 @hookimpl
 def listening_sinks() -> list[SinkSpec]:
+    """The ``flac`` sink, for listening-core's registry (found through this package's entry point)."""
     return [SinkSpec("flac", FlacSink.from_options, FlacOptions, "one FLAC file per speaker")]

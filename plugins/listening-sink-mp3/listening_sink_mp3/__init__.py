@@ -89,4 +89,5 @@ def recover(path: str | os.PathLike[str]) -> int:
 
 @hookimpl
 def listening_sinks() -> list[SinkSpec]:
+    """The ``mp3`` sink, for listening-core's registry (found through this package's entry point)."""
     return [SinkSpec("mp3", Mp3Sink.from_options, Mp3Options, "one MP3 file per speaker")]

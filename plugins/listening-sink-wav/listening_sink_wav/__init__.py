@@ -48,4 +48,5 @@ def recover(path: str | os.PathLike[str]) -> int:
 
 @hookimpl
 def listening_sinks() -> list[SinkSpec]:
+    """The ``wav`` sink, for listening-core's registry (found through this package's entry point)."""
     return [SinkSpec("wav", WavSink.from_options, WavOptions, "one WAV file per speaker")]
