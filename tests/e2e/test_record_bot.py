@@ -64,7 +64,8 @@ async def bot_session(tmp_path: Path) -> AsyncIterator[tuple[LocalDiscord, Chat,
         account = local.add_bot("recorder")
         bot = module.make_bot(tmp_path / "recordings", connector=local.connector(), guild_ready_timeout=0.1)
         runner = asyncio.ensure_future(bot.start(account.token))
-        await asyncio.wait_for(bot.wait_until_ready(), 30)
+        # as a task, so that start() runs first (3.12+ awaits a bare coroutine here at once)
+        await asyncio.wait_for(asyncio.ensure_future(bot.wait_until_ready()), 30)
         try:
             yield local, Chat(local, account.user.id), tmp_path / "recordings"
         finally:

@@ -32,7 +32,8 @@ async def test_load_extension_adds_the_recording_commands(
         bot = MyBot(command_prefix="!", intents=intents, connector=local.connector(), guild_ready_timeout=0.1)
         runner = asyncio.ensure_future(bot.start(account.token))
         try:
-            await asyncio.wait_for(bot.wait_until_ready(), 30)
+            # as a task, so that start() runs first (3.12+ awaits a bare coroutine here at once)
+            await asyncio.wait_for(asyncio.ensure_future(bot.wait_until_ready()), 30)
             cog = bot.get_cog("Recorder")
             # load_extension imports its own copy of the module: compare by name
             assert type(cog).__qualname__ == "Recorder" and type(cog).__module__ == Recorder.__module__
