@@ -67,7 +67,7 @@ class Idle:
         )
         self.clients.append(client)
         self.runners.append(asyncio.ensure_future(client.start(address.token)))
-        await asyncio.wait_for(client.wait_until_ready(), 120)
+        await asyncio.wait_for(asyncio.ensure_future(client.wait_until_ready()), 120)
         channel = client.get_channel(channel_id)
         assert isinstance(channel, discord.VoiceChannel), channel
         self.voice.append(await asyncio.wait_for(channel.connect(cls=listening_core.VoiceClient), 120))

@@ -340,7 +340,7 @@ async def run(args: argparse.Namespace) -> int:
         intents=discord.Intents.default(), connector=address.connector(), guild_ready_timeout=0.1
     )
     runner = asyncio.ensure_future(client.start(address.token))
-    await asyncio.wait_for(client.wait_until_ready(), 60)
+    await asyncio.wait_for(asyncio.ensure_future(client.wait_until_ready()), 60)
     channel = client.get_channel(args.channel)
     assert isinstance(channel, discord.VoiceChannel)
     vc = await asyncio.wait_for(channel.connect(cls=listening_core.VoiceClient), 60)
