@@ -1,9 +1,9 @@
 # Two commands do all set-up on a fresh Debian machine (as root, libopus0 and for the tests
 # opus-tools come through apt):
-#   make test   - lint (ruff, deptry), type-check (mypy, pyright --verifytypes), the API docs
-#                 (Sphinx, warnings are errors), the packaging check (every wheel built and
-#                 installed from a wheelhouse alone), and the whole test suite on each Python
-#                 in PYTHONS, in isolated environments
+#   make test   - lint (ruff, deptry), type-check (strict mypy), the API docs (Sphinx, warnings
+#                 are errors, every public object documented), the packaging check (every wheel
+#                 built and installed from a wheelhouse alone), and the whole test suite on each
+#                 Python in PYTHONS, in isolated environments
 #   make demo   - the demo: a loopback Discord, four members speaking, the example bot recording them
 PYTHON ?= python3
 # The Pythons the suite runs on (found on PATH or under pyenv by scripts/bootstrap).
