@@ -692,6 +692,26 @@ def streams_part(seconds: float, retries: int) -> dict[str, Any]:
     return asyncio.run(run())
 
 
+def transcribe_part(retries: int) -> dict[str, Any]:
+    """The ``transcribe`` sink with faster-whisper (``tiny.en`` int8, ``bench/transcribe.py``): 1, 4
+    and 8 members speaking at once; a member count whose run lost anything is run again."""
+    from .transcribe import measure_transcription
+
+    runs = []
+    out: dict[str, Any] = {}
+    for count in (1, 4, 8):
+        for attempt in range(1 + retries):
+            log(f"transcription: {count} members at once" + (f" (try {attempt + 1})" if attempt else ""))
+            result = measure_transcription((count,))
+            run = result["runs"][0] | {"tries": attempt + 1}
+            if run["held"]:
+                break
+            log(f"  -> NOT held: {run}")
+        out = {k: v for k, v in result.items() if k != "runs"}
+        runs.append(run)
+    return out | {"runs": runs}
+
+
 def idle_cost(sessions: int, seconds: float, retries: int) -> dict[str, Any]:
     """:func:`idle_trial` until a run is held, at most ``1 + retries`` runs."""
     earlier: list[list[str]] = []
@@ -737,7 +757,7 @@ def memory_over_time(speakers: int, seconds: float, retries: int) -> dict[str, A
 
 
 #: What ``--only`` can name; a full run measures them all.
-PARTS = ("floor", "capacity", "peer", "cost", "resample16", "idle", "dave", "memory", "streams")
+PARTS = ("floor", "capacity", "peer", "cost", "resample16", "idle", "dave", "memory", "streams", "transcribe")
 #: The pipeline cost's speaker counts (plus the per-user WAV capacity, when that is higher).
 COST_SPEAKERS = (10, 100, 300)
 
@@ -830,6 +850,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         results["dave_cost"] = dave_cost(args.dave_speakers, args.cost_seconds, retries)
     if "streams" in parts:
         results["streams"] = streams_part(args.stream_seconds, retries)
+    if "transcribe" in parts:
+        results["transcribe"] = transcribe_part(retries)
     if "memory" in parts:
         results["memory_over_time"] = memory_over_time(100, args.soak_seconds, min(retries, 1))
     results["seed"] = (
@@ -1054,6 +1076,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     rows += _stream_rows(r.get("streams"))
+    rows += _transcribe_rows(r.get("transcribe"))
     dc = r.get("dave_cost")
     if dc is None:
         rows.append(("DAVE's extra cost", NOT_RUN, "", ""))
@@ -1100,6 +1123,34 @@ def _stream_rows(st: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
                 )
             else:
                 rows.append((what, f"{t['frames_per_second']:,} frames/s, nothing dropped", "", ""))
+    return rows
+
+
+def _transcribe_rows(tr: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    if tr is None:
+        return [("transcription (faster-whisper tiny.en int8)", NOT_RUN, "", "")]
+    rows = []
+    for run in tr["runs"]:
+        what = (
+            f"transcription, {run['members']} member{'s' if run['members'] > 1 else ''} speaking at once "
+            f"(faster-whisper tiny.en int8, {tr.get('cpu_threads')} threads)"
+        )
+        if not run["held"]:
+            why = run.get("error") or (
+                f"{run['received']} of {run['sent']} frames received, {run['lost']} lost, "
+                f"{run['dropped']} dropped, {sum(run['missed'].values())} utterances missed"
+            )
+            rows.append((what, f"not held ({why}; {run.get('tries', 1)} tries)", "", ""))
+            continue
+        rows.append(
+            (
+                what,
+                f"real-time factor {run['rtf']}; end of speech to text p50 {run['latency_p50']} s, "
+                f"p95 {run['latency_p95']} s; reception lost nothing ({run['received']} frames)",
+                "",
+                "",
+            )
+        )
     return rows
 
 

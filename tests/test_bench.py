@@ -156,6 +156,19 @@ def _results() -> dict[str, Any]:
             },
             "pcm16k": {"10": {"held": True, "frames_per_second": 500.0}},
         },
+        "transcribe": {
+            "cpu_threads": 2,
+            "runs": [
+                {
+                    "members": 4,
+                    "held": True,
+                    "rtf": 0.12,
+                    "latency_p50": 1.2,
+                    "latency_p95": 2.5,
+                    "received": 1300,
+                }
+            ],
+        },
         "seed": "cannot run",
     }
 
@@ -183,6 +196,11 @@ def test_markdown_reports_every_target_with_its_verdict() -> None:
         "DAVE's extra cost, 40 speakers": ("5.0 µs/frame", "", ""),
         "live stream, 100 speakers, one loop taking every frame": ("p50 5.6 ms, p99 14.6 ms", "", ""),
         "live stream, 10 speakers, one loop taking 16 kHz mono chunks": ("500.0 frames/s", "", ""),
+        "transcription, 4 members speaking at once": (
+            "real-time factor 0.12; end of speech to text p50 1.2 s",
+            "",
+            "",
+        ),
     }
     for what, (measured, target, met) in expected.items():
         row = _row(text, what)
