@@ -13,6 +13,13 @@ Each session goes to ``recordings/<started>-<guild>-<channel>/``: one folder per
 ``session.json`` (members, timings, statistics, files; rewritten every second while recording)
 and ``timeline.png`` (who spoke when). Example: ``!record wav mp3 vad-segments mp3.bitrate=96``.
 
+With the ``transcribe`` sink (listening-sink-transcribe), e.g. ``!record wav transcribe
+transcribe.language=en``, the bot posts live captions, each member's utterances as they are
+transcribed, to the text channel the command came from: batched into one message every
+:data:`CAPTIONS_EVERY` seconds at most (Discord allows about five messages per five seconds in a
+channel), and ``stop`` attaches the transcript (``transcript.srt``); ``session.json`` gets its
+``"transcript"`` section.
+
 In your own bot (it needs the Message Content intent for the ``!`` commands)::
 
     await bot.load_extension("listening_core.ext.recorder")    # sessions under ./recordings
@@ -60,7 +67,9 @@ from ..sinks import AudioSink, MultiSink, safe_filename
 from ..voice_client import VoiceClient
 
 __all__ = [
+    "CAPTIONS_EVERY",
     "DEFAULT_SINKS",
+    "Captions",
     "Recorder",
     "Session",
     "attachments",
@@ -77,6 +86,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SINKS = ("wav", "mixdown")
 """The sinks a bare ``record`` uses."""
 LIVE_REPORT_EVERY = 1.0  # seconds between rewrites of session.json while recording
+CAPTIONS_EVERY = 2.0
+"""Seconds between two caption messages: within Discord's rate limit of a channel, and a caption
+seldom waits longer than this for the next message."""
 MAX_MESSAGE = 2000  # Discord's message length limit
 
 
@@ -171,8 +183,15 @@ class Session:
                 "guild": getattr(self.vc.guild, "name", None),
                 "channel": getattr(self.vc.channel, "name", None),
                 "error": None if self.error is None else repr(self.error),
+                **self._transcript(),
             },
         )
+
+    def _transcript(self) -> dict[str, Any]:
+        """The ``transcribe`` sink's section of session.json (nothing without that sink)."""
+        sink = self.sink.sinks.get("transcribe") if self.sink is not None else None
+        report = getattr(sink, "report", None)
+        return report() if callable(report) else {}
 
     async def _write_live(self) -> None:
         while not self.done.is_set():
@@ -214,9 +233,62 @@ def summary(session: Session, report: dict[str, Any]) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
+class Captions:
+    """Live captions in a text channel: each transcribed utterance as a line, batched into one
+    message every :data:`CAPTIONS_EVERY` seconds at most (never a line lost to a rate limit)."""
+
+    def __init__(self, channel: discord.abc.Messageable) -> None:
+        self.channel = channel
+        self.lines: list[str] = []
+        self._lock = asyncio.Lock()
+        self._last = -CAPTIONS_EVERY  # loop time of the last message
+        self._task: asyncio.Task[None] | None = asyncio.create_task(self._post_every())
+
+    def add(self, member: discord.abc.User, utterance: Any) -> None:
+        """Queue ``utterance`` (a listening_sink_transcribe.Utterance) of ``member``."""
+        if utterance.text:
+            self.lines.append(f"`{utterance.start:6.1f} s` **{member.display_name}**: {utterance.text}")
+
+    async def _post_every(self) -> None:
+        while True:
+            await asyncio.sleep(CAPTIONS_EVERY)
+            await asyncio.shield(self.flush())  # close() lets a message being posted finish
+
+    async def flush(self) -> None:
+        """Post what is queued, in messages of up to 2000 characters, :data:`CAPTIONS_EVERY` apart."""
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.lines:
+            await asyncio.sleep(max(0.0, self._last + CAPTIONS_EVERY - loop.time()))
+            text, taken = "", 0
+            for line in self.lines:
+                if text and len(text) + 1 + len(line) > MAX_MESSAGE:
+                    break
+                text, taken = (f"{text}\n{line}" if text else line[:MAX_MESSAGE]), taken + 1
+            try:
+                await self.channel.send(text, allowed_mentions=discord.AllowedMentions.none())
+            except discord.HTTPException:
+                log.exception("could not post %d caption line(s); they are in the transcript", taken)
+            self._last = loop.time()
+            del self.lines[:taken]
+
+    async def close(self) -> None:
+        """Stop the timer and post the rest."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+
 def attachments(session: Session, limit: int) -> tuple[list[discord.File], list[str]]:
-    """The mixdown and the timeline as attachments, within the upload ``limit`` (bytes)."""
+    """The mixdown, the timeline and the transcript as attachments, within the upload ``limit`` (bytes)."""
     wanted = [p for sink, p in session.files() if sink == "mixdown" and p.suffix == ".wav"]
+    wanted += [p for sink, p in session.files() if sink == "transcribe" and p.name == "transcript.srt"]
     timeline = session.folder / "timeline.png"
     if timeline.exists():
         wanted.append(timeline)
@@ -241,6 +313,8 @@ class Recorder(commands.Cog):
         self.bot = bot
         self.output = output if output is not None else Path("recordings")
         self.sessions: dict[int, Session] = {}
+        self.captions: dict[int, Captions] = {}
+        """Live captions by guild id, from ``record`` with ``transcribe`` until ``stop`` has posted the last."""
 
     def plan(self, request: str, folder: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
         """The sinks and options ``record REQUEST`` records with into ``folder``: the one place
@@ -289,6 +363,8 @@ class Recorder(commands.Cog):
         session = Session(vc, folder, names)
         session.start(options)
         self.sessions[ctx.guild.id] = session
+        if "transcribe" in names:
+            self.captions[ctx.guild.id] = Captions(ctx.channel)
         log.info("recording %s with %s into %s", voice.channel, ", ".join(names), folder)
         await ctx.reply(f"Recording {voice.channel.mention} with {', '.join(names)}. `stop` when done.")
 
@@ -317,6 +393,9 @@ class Recorder(commands.Cog):
         await ctx.defer()  # finishing every file can take longer than a slash command's 3 s
         del self.sessions[ctx.guild.id]
         path = await session.finish()
+        captions = self.captions.pop(ctx.guild.id, None)
+        if captions is not None:
+            await captions.close()  # the last utterances are transcribed as the session finishes
         report = json.loads(path.read_text(encoding="utf-8"))
         files, skipped = attachments(session, ctx.guild.filesize_limit)
         text = summary(session, report)
@@ -336,6 +415,15 @@ class Recorder(commands.Cog):
         await ctx.reply(
             "\n".join(lines)[:MAX_MESSAGE] or "No sinks installed: pip install listening-sink-wav"
         )
+
+    @commands.Cog.listener()
+    async def on_listening_transcript(
+        self, member: discord.abc.User, utterance: Any, vc: VoiceClient
+    ) -> None:
+        """An utterance was transcribed (by the ``transcribe`` sink): caption it."""
+        captions = self.captions.get(vc.guild.id) if vc.guild is not None else None
+        if captions is not None:
+            captions.add(member, utterance)
 
     async def _session(self, ctx: commands.Context[commands.Bot]) -> Session | None:
         session = self.sessions.get(ctx.guild.id) if ctx.guild else None
