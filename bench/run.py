@@ -1086,6 +1086,17 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(
             (f"DAVE's extra cost, {dc['speakers']} speakers", f"the run {label} {not_held(bad)}", "", "")
         )
+    elif dc["extra_us_per_frame"] < 0:
+        # two runs' noise is larger than what DAVE adds: no figure, the two runs instead
+        rows.append(
+            (
+                f"DAVE's extra cost, {dc['speakers']} speakers",
+                f"below the noise: {dc['with'].get('cpu_us_per_frame')} µs/frame with DAVE, "
+                f"{dc['without'].get('cpu_us_per_frame')} without",
+                "",
+                "",
+            )
+        )
     else:
         rows.append(
             (f"DAVE's extra cost, {dc['speakers']} speakers", f"{dc['extra_us_per_frame']} µs/frame", "", "")

@@ -390,3 +390,16 @@ def test_only_names_known_parts() -> None:
     assert bench.run._parts("idle,resample16") == ["idle", "resample16"]
     with pytest.raises(argparse.ArgumentTypeError, match="unknown part"):
         bench.run._parts("idle,everything")
+
+
+def test_a_negative_dave_cost_is_shown_as_noise_not_as_a_figure() -> None:
+    results = _results()
+    results["dave_cost"] = {
+        "speakers": 40,
+        "with": {"held": True, "cpu_us_per_frame": 266.95},
+        "without": {"held": True, "cpu_us_per_frame": 283.26},
+        "extra_us_per_frame": -16.31,
+    }
+    row = _row(markdown(results), "DAVE's extra cost")
+    assert "-16.31" not in row
+    assert "below the noise: 266.95 µs/frame with DAVE, 283.26 without" in row
