@@ -219,7 +219,7 @@ class Progress:
 
     def __init__(self, out: IO[str]) -> None:
         self.out = out
-        self.tty = out.isatty() and os.environ.get("TERM", "") not in ("dumb", "")
+        self.tty: bool = out.isatty() and os.environ.get("TERM", "") not in ("dumb", "")
         self._drawn = 0
         self._last_print = 0.0
 
