@@ -168,7 +168,7 @@ class JitterBuffer:
         self._held: dict[int, tuple[int, bytes, float]] = {}
         self._deadline: float | None = None
         self._ring = bytearray(_WINDOW)
-        self.stats = JitterStats()
+        self.stats: JitterStats = JitterStats()
 
     def __repr__(self) -> str:
         return (

@@ -70,7 +70,7 @@ class AudioProcessPool:
         if max_workers is not None and max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
         load_libopus()  # here, in the caller, before any process or pipe exists
-        self.max_workers = max_workers or os.cpu_count() or 1
+        self.max_workers: int = max_workers or os.cpu_count() or 1
         self._workers = [_Worker(i) for i in range(self.max_workers)]
         self._pins: dict[Hashable, int] = {}
         self._lock = threading.RLock()
@@ -82,9 +82,9 @@ class AudioProcessPool:
         self._result_thread: threading.Thread | None = None
         self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
         self._reported: set[str] = set()
-        self.restarts = 0
+        self.restarts: int = 0
         """Workers replaced after they died, over the pool's life."""
-        self.wakeups = 0
+        self.wakeups: int = 0
         """How many times the result thread woke up (diagnostics: an idle pool never wakes)."""
 
     def __enter__(self) -> AudioProcessPool:

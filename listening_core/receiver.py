@@ -135,16 +135,16 @@ class AudioReceiver(threading.Thread):
         self.voice_client = voice_client
         self._link = link
         self.sink = sink
-        self.options = options or ListenOptions()
+        self.options: ListenOptions = options or ListenOptions()
         self.after = after
         self._on_finished = on_finished
         self.loop: asyncio.AbstractEventLoop = link.loop
-        self.session_id = next(_session_ids)
-        self.wants_pcm = bool(getattr(sink, "wants_pcm", True))
-        self.pool = pool if self.wants_pcm else None
+        self.session_id: int = next(_session_ids)
+        self.wants_pcm: bool = bool(getattr(sink, "wants_pcm", True))
+        self.pool: AudioProcessPool | None = pool if self.wants_pcm else None
         self._own_pool = own_pool and self.pool is not None
-        self.started_at = time.time()
-        self.session = ReceiveSession(
+        self.started_at: float = time.time()
+        self.session: ReceiveSession = ReceiveSession(
             self.options, time.monotonic(), link.ssrcs, link.dave, session_id=self.session_id
         )
         self._paused = False
@@ -173,7 +173,7 @@ class AudioReceiver(threading.Thread):
         )
         self._cipher: TransportCipher | None = None
         self._cipher_key: tuple[str, bytes] | None = None
-        self.wakeups = 0
+        self.wakeups: int = 0
         """How many times the receiver thread woke up (diagnostics: an idle session barely wakes)."""
         self.error: BaseException | None = None
         self._sink_failed = False

@@ -199,7 +199,7 @@ class ReceiveSession:
         session_id: int = 0,
     ) -> None:
         self.options = options
-        self.clock = SessionClock(clock_start)
+        self.clock: SessionClock = SessionClock(clock_start)
         self.ssrcs = ssrcs
         self.dave = dave
         self.transport = transport
@@ -212,8 +212,8 @@ class ReceiveSession:
         """SSRCs no user is mapped to yet → their packets, held."""
         self._not_audio_unmapped: collections.Counter[int] = collections.Counter()
         self._warned: set[tuple[int | None, str]] = set()
-        self.events = Events()
-        self.paused = False
+        self.events: Events = Events()
+        self.paused: bool = False
         self._now = -_INF
         # Stream deadlines in a heap, so that a wake costs O(log n) for n streams, not a walk of
         # them all: entries are (deadline, ordinal, SSRC), and one is live only while

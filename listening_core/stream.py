@@ -73,26 +73,29 @@ class StreamState:
     )
 
     def __init__(self, session: ReceiveSession, ssrc: int, user_id: int, now: float) -> None:
-        self.session = session
-        self.ssrc = ssrc
-        self.user_id = user_id
+        self.session: ReceiveSession = session
+        self.ssrc: int = ssrc
+        self.user_id: int = user_id
         self.stats: UserStats = session.stats[user_id]
         # FEC is proposed for every lost frame followed by its neighbour; whether that frame
         # really carries FEC is known only once it is DAVE-decrypted (see _open).
-        self.jitter = JitterBuffer(session.options.jitter_delay, has_fec=_always)
-        self.timeline = StreamTimeline(session.clock)
-        self.last_arrival = 0.0
-        self.last_placed_arrival = -_INF
-        self.speaking = False
+        self.jitter: JitterBuffer = JitterBuffer(session.options.jitter_delay, has_fec=_always)
+        self.timeline: StreamTimeline = StreamTimeline(session.clock)
+        self.last_arrival: float = 0.0
+        self.last_placed_arrival: float = -_INF
+        self.speaking: bool = False
         self.start_buffer: list[tuple[int, int, bytes, float]] | None = []
-        self.start_until = now + session.options.jitter_delay
+        self.start_until: float = now + session.options.jitter_delay
         self.pending: collections.deque[Playout] = collections.deque()
         self.opened: dict[int, bytes] = {}  # frames DAVE-decrypted ahead of their turn, by sequence
         self.blocked_since: float | None = None
         self.retry_at: float | None = None  # when a frame held for its DAVE key is tried again
-        self.seen_duplicates = 0
-        self.seen_late = 0
-        self.window = (0, 0)  # (first sequence, packets) of the last start window (see _start)
+        self.seen_duplicates: int = 0
+        self.seen_late: int = 0
+        self.window: tuple[int, int] = (
+            0,
+            0,
+        )  # (first sequence, packets) of the last start window (see _start)
 
     def __repr__(self) -> str:
         return f"<StreamState ssrc={self.ssrc} user={self.user_id} pending={len(self.pending)}>"
