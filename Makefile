@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh Debian machine (as root, libopus0 and for the tests
 # opus-tools come through apt):
-#   make test   - lint (ruff, deptry), type-check (strict mypy), the API docs (Sphinx, warnings
-#                 are errors, every public object documented), the packaging check (every wheel
+#   make test   - lint (ruff, deptry), type-check (strict mypy; pyright --verifytypes on the public
+#                 API), the API docs (Sphinx, warnings are errors, every public object
+#                 documented), the packaging check (every wheel
 #                 built and installed from a wheelhouse alone), and the whole test suite on each
 #                 Python in PYTHONS, in isolated environments
 #   make demo   - the demo: a loopback Discord, four members speaking, the example bot recording them
@@ -25,7 +26,7 @@ bootstrap-test:
 	@PYTHON=$(PYTHON) scripts/bootstrap --test
 
 test: bootstrap-test
-	$(TOX) run -e lint,type,docs,packaging,$(SUITES)
+	$(TOX) run -e lint,type,verifytypes,docs,packaging,$(SUITES)
 
 lint: bootstrap
 	$(TOX) run -e lint

@@ -81,7 +81,7 @@ __all__ = [
     "summary",
 ]
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 DEFAULT_SINKS = ("wav", "mixdown")
 """The sinks a bare ``record`` uses."""
@@ -139,14 +139,14 @@ class Session:
     """One recording: its folder, its sinks and the report written next to them."""
 
     def __init__(self, vc: VoiceClient, folder: Path, names: list[str]) -> None:
-        self.vc = vc
-        self.folder = folder
-        self.names = names
-        self.report = SessionReport()
+        self.vc: VoiceClient = vc
+        self.folder: Path = folder
+        self.names: list[str] = names
+        self.report: SessionReport = SessionReport()
         self.sink: MultiSink | None = None
-        self.done = asyncio.Event()
+        self.done: asyncio.Event = asyncio.Event()
         self.error: BaseException | None = None
-        self.started = time.monotonic()
+        self.started: float = time.monotonic()
         self._writer: asyncio.Task[None] | None = None
 
     def start(self, options: dict[str, dict[str, Any]]) -> None:
@@ -310,8 +310,8 @@ class Recorder(commands.Cog):
     """What a bare ``record`` records with."""
 
     def __init__(self, bot: commands.Bot, output: Path | None = None) -> None:
-        self.bot = bot
-        self.output = output if output is not None else Path("recordings")
+        self.bot: commands.Bot = bot
+        self.output: Path = output if output is not None else Path("recordings")
         self.sessions: dict[int, Session] = {}
         self.captions: dict[int, Captions] = {}
         """Live captions by guild id, from ``record`` with ``transcribe`` until ``stop`` has posted the last."""
