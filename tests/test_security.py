@@ -38,7 +38,13 @@ from hypothesis import strategies as st
 import listening_core
 from listening_core import AudioFrame, AudioSink, FrameKind, ListenOptions
 from listening_core.hookspecs import ENTRY_POINT_GROUP
-from listening_core.plugins import KNOWN_DISTRIBUTIONS, OptionsError, UnknownSinkError, default_registry
+from listening_core.plugins import (
+    KNOWN_DISTRIBUTIONS,
+    OptionsError,
+    SinkRegistry,
+    UnknownSinkError,
+    default_registry,
+)
 from listening_core.rtp import RtpHeader
 from listening_core.sinks import RtcpPacket, SessionInfo, safe_filename
 from listening_core.testing import LocalDiscord, Schedule, join_voice, record
@@ -133,6 +139,14 @@ def _file_options(name: str, out: Path, hostile_template: bool) -> dict[str, Any
     """Options for sink ``name`` writing into ``out``; with ``hostile_template``, the file-name
     template itself tries to climb out and uses every placeholder that carries a name or id."""
     options: dict[str, Any] = {"directory": str(out)}
+    if name == "transcribe":
+        # its files have fixed names (transcript.*; kept audio is named by user id only): no
+        # template to make hostile. Its engine is a server that refuses every request, so
+        # utterances are counted as failed and the transcript files are still written.
+        return options | {
+            "engine": "openai",
+            "engine_options": {"base_url": "http://127.0.0.1:9/v1", "timeout": 5.0},
+        }
     if not hostile_template:
         return options
     if name == "mixdown":
@@ -239,6 +253,13 @@ def test_no_name_steers_a_file_outside_the_output_directory(
 
     if sink_name == "mixdown":
         assert len([p for p in created if p.suffix == ".wav"]) == 1
+        return
+    if sink_name == "transcribe":  # one transcript for everybody, the names only inside it
+        assert {p.name for p in created if p != out} == {
+            "transcript.jsonl",
+            "transcript.srt",
+            "transcript.vtt",
+        }
         return
     # collisions: every user has files of their own (and got at least one)
     files = _users_of(sink)
@@ -383,8 +404,9 @@ def test_a_sink_name_is_never_imported(sentinel: Path, tmp_path: Path) -> None:
         with pytest.raises(UnknownSinkError) as caught:
             registry.get(name)
         assert caught.value.suggestions[0] == "wav" and caught.value.install is None, str(caught.value)
+    # a project plugin's distribution name, where that plugin is not installed: what to install
     with pytest.raises(UnknownSinkError) as caught:
-        registry.get("listening-sink-transcribe")
+        SinkRegistry(entry_points=lambda: []).get("listening-sink-transcribe")
     assert caught.value.install == "listening-sink-transcribe"
 
 

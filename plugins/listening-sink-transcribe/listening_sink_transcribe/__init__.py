@@ -48,7 +48,14 @@ from typing import Any, Literal, cast
 from listening_sink_vad import Segment, VadOptions, VadSegmentsSink
 
 from listening_core.hookspecs import EngineSpec, SinkSpec, Transcription, TranscriptionEngine, hookimpl
-from listening_core.plugins import OptionsError, SinkRegistry, default_registry, validate_options
+from listening_core.plugins import (
+    OptionsError,
+    PluginConflictError,
+    PluginError,
+    SinkRegistry,
+    default_registry,
+    validate_options,
+)
 from listening_core.sinks import AudioFrame, AudioSink, FrameKind, SessionInfo, SinkError
 
 from .errors import TranscriptionError
@@ -217,7 +224,12 @@ class TranscribeSink(AudioSink):
         self.options = options = options or TranscribeOptions()
         self.directory = Path(options.directory)
         registry = registry or default_registry()
-        self.engine_spec: EngineSpec = registry.engine(options.engine)
+        try:
+            self.engine_spec: EngineSpec = registry.engine(options.engine)
+        except PluginConflictError:
+            raise
+        except PluginError as exc:  # a name no installed plugin provides: a wrong option
+            raise OptionsError(f"sink 'transcribe': {exc}", sink="transcribe", option="engine") from exc
         try:
             self.engine_options = validate_options(cast(SinkSpec, self.engine_spec), options.engine_options)
         except OptionsError as exc:
@@ -346,7 +358,8 @@ class TranscribeSink(AudioSink):
         with self._lock:
             done = sorted(self.utterances, key=lambda u: (u.start, u.user_id))
             jsonl, self._jsonl = self._jsonl, None
-        for name, render in (("transcript.srt", srt), ("transcript.vtt", vtt)):
+        # a sink that never started (listen() failed before it) has no transcript to write
+        for name, render in (("transcript.srt", srt), ("transcript.vtt", vtt)) if self._session else ():
             try:
                 (self.directory / name).write_text(render(done), encoding="utf-8")
             except OSError as exc:
