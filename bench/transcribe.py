@@ -13,6 +13,8 @@ names another directory) has a queue to work off. Per member count it reports:
   by the wall clock: the wait for ``max_silence_ms`` of silence (and the sink's margin), then the
   queue behind the other members' utterances (with N members stopping at once the last of them
   waits for N-1 others), then the engine;
+- ``receive_latency_p99_ms``: the receive path's own latency meanwhile, from a datagram's arrival
+  to the sink (p99, ms);
 - ``received`` / ``sent``: frames the sink got against frames the members sent, and ``lost``,
   ``concealed`` and ``dropped`` from the session's stats: all must show nothing lost while the
   engine was busy (``held``).
@@ -115,9 +117,13 @@ async def _one(count: int, model: str, cpu_threads: int, directory: Path) -> dic
     received: dict[int, int] = {}
     deliver = sink.on_audio
 
+    arrival_to_sink: list[float] = []  # the receive path's own latency while the engine works
+
     def counting(frame: Any) -> None:
         if frame.kind in (FrameKind.RECEIVED, FrameKind.SILENCE):
             received[frame.user_id] = received.get(frame.user_id, 0) + 1
+        if frame.kind is FrameKind.RECEIVED and frame.arrival is not None:
+            arrival_to_sink.append(time.monotonic() - frame.arrival)
         deliver(frame)
 
     sink.on_audio = counting  # type: ignore[method-assign]
@@ -149,6 +155,9 @@ async def _one(count: int, model: str, cpu_threads: int, directory: Path) -> dic
         "rtf": round(engine.busy / engine.audio, 3) if engine.audio else None,
         "latency_p50": _percentile(latencies, 0.50),
         "latency_p95": _percentile(latencies, 0.95),
+        "receive_latency_p99_ms": None
+        if not arrival_to_sink
+        else round(float(_percentile(arrival_to_sink, 0.99) or 0.0) * 1000, 3),
         "received": sum(received.values()),
         "sent": sum(sent.values()),
         "lost": lost,

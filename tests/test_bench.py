@@ -166,6 +166,7 @@ def _results() -> dict[str, Any]:
                     "latency_p50": 1.2,
                     "latency_p95": 2.5,
                     "received": 1300,
+                    "receive_latency_p99_ms": 12.5,
                 }
             ],
         },
@@ -198,8 +199,8 @@ def test_markdown_reports_every_target_with_its_verdict() -> None:
         "live stream, 10 speakers, one loop taking 16 kHz mono chunks": ("500.0 frames/s", "", ""),
         "transcription, 4 members speaking at once": (
             "real-time factor 0.12; end of speech to text p50 1.2 s",
-            "",
-            "",
+            "receive p99 ≤ 10 ms",
+            "not met: 2.5 ms over",
         ),
     }
     for what, (measured, target, met) in expected.items():
