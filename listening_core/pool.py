@@ -26,6 +26,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import selectors
+import sys
 import threading
 import time
 from collections.abc import Hashable
@@ -40,6 +41,8 @@ from .unpacker import CLOSE, AudioUnpacker, DecodeAnswer, DecodeJob
 _log = logging.getLogger(__name__)
 
 __all__ = ["AudioProcessPool", "PoolClosed", "WorkerDied"]
+
+_WINDOWS = sys.platform == "win32"
 
 
 @dataclass
@@ -229,7 +232,15 @@ class AudioProcessPool:
                             wanted[w.conn] = w
                         if w.process is not None:
                             wanted[w.process.sentinel] = w
-                if selector is None or wanted.keys() != watched.keys():
+                if _WINDOWS:
+                    # select() there takes sockets only: wait() knows pipes and process handles
+                    try:
+                        ready: list[Any] = multiprocessing.connection.wait([self._wakeup_r, *wanted])
+                    except (OSError, ValueError):  # a pipe closed under us (see below)
+                        self.wakeups += 1
+                        continue
+                    watched = wanted
+                elif selector is None or wanted.keys() != watched.keys():
                     # made afresh whenever a pipe comes or goes: a closed descriptor's number may
                     # be reused by the next worker's
                     if selector is not None:
@@ -243,15 +254,17 @@ class AudioProcessPool:
                         except (ValueError, OSError):  # closed since the lists were made
                             continue
                         watched[obj] = w
-                try:
-                    ready = [key.fileobj for key, _ in selector.select()]
-                except (OSError, ValueError):
-                    # a pipe another thread closed after the lists above were made (its worker
-                    # died under a submit): woken by that death, the lists are made again
-                    self.wakeups += 1
-                    selector.close()
-                    selector = None
-                    continue
+                if not _WINDOWS:
+                    assert selector is not None
+                    try:
+                        ready = [key.fileobj for key, _ in selector.select()]
+                    except (OSError, ValueError):
+                        # a pipe another thread closed after the lists above were made (its worker
+                        # died under a submit): woken by that death, the lists are made again
+                        self.wakeups += 1
+                        selector.close()
+                        selector = None
+                        continue
                 self.wakeups += 1
                 for obj in ready:
                     if obj is self._wakeup_r:

@@ -8,7 +8,9 @@ import signal
 import threading
 import time
 from concurrent.futures import wait
+from typing import Any
 
+import listening_core.pool as pool_module
 from listening_core.pool import AudioProcessPool, PoolClosed, WorkerDied
 from listening_core.unpacker import PLC
 
@@ -97,5 +99,22 @@ def test_a_killed_worker_fails_its_batches_at_once() -> None:
         assert isinstance(future.exception(5), WorkerDied)
         assert time.monotonic() - killed < 1.0
         # a new worker takes the slot
+        assert len(pool.submit(worker, [("speaker", PLC, None, 960)]).result(10)) == 1
+        assert pool.restarts == 1
+
+
+def test_the_wait_based_collector_windows_uses_answers_and_notices_deaths(monkeypatch: Any) -> None:
+    # On Windows select() takes sockets only, so the result thread waits with
+    # multiprocessing.connection.wait there; the same duties, run here on that path.
+    monkeypatch.setattr(pool_module, "_WINDOWS", True)
+    with AudioProcessPool(1) as pool:
+        pool.start(1)
+        worker = pool.worker_for("speaker")
+        assert len(pool.submit(worker, [("speaker", PLC, None, 960)] * 3).result(10)) == 3
+        (pid,) = pool.processes
+        os.kill(pid, signal.SIGSTOP)
+        future = pool.submit(worker, [("speaker", PLC, None, 960)])
+        os.kill(pid, signal.SIGKILL)
+        assert isinstance(future.exception(5), WorkerDied)
         assert len(pool.submit(worker, [("speaker", PLC, None, 960)]).result(10)) == 1
         assert pool.restarts == 1
