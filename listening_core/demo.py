@@ -316,7 +316,9 @@ class _BotProcess:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)
             try:
-                await asyncio.wait_for(process.wait(), 20)
+                # closing its gateway and voice connections waits on the loopback's answers, which a
+                # loaded machine (a CI runner) can take many seconds to give
+                await asyncio.wait_for(process.wait(), 60)
             except TimeoutError:
                 process.kill()
                 await process.wait()
