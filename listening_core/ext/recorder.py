@@ -205,8 +205,7 @@ class Session:
     async def finish(self) -> Path:
         """Stop listening, wait for every sink to close its files, write the final report."""
         self.vc.stop_listening()
-        await self.vc.wait_for_listen_ready(timeout=60)
-        await self.done.wait()
+        await self.done.wait()  # every sink closed (a transcript may wait for its last utterances)
         if self._writer is not None:
             await self._writer
         return await asyncio.to_thread(self.write_report, finished=True)
@@ -392,10 +391,12 @@ class Recorder(commands.Cog):
             return
         await ctx.defer()  # finishing every file can take longer than a slash command's 3 s
         del self.sessions[ctx.guild.id]
-        path = await session.finish()
-        captions = self.captions.pop(ctx.guild.id, None)
-        if captions is not None:
-            await captions.close()  # the last utterances are transcribed as the session finishes
+        try:
+            path = await session.finish()
+        finally:
+            captions = self.captions.pop(ctx.guild.id, None)
+            if captions is not None:
+                await captions.close()  # the last utterances are transcribed as the session finishes
         report = json.loads(path.read_text(encoding="utf-8"))
         files, skipped = attachments(session, ctx.guild.filesize_limit)
         text = summary(session, report)

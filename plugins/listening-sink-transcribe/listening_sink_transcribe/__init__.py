@@ -245,6 +245,7 @@ class TranscribeSink(AudioSink):
         self._idle: threading.Thread | None = None
         self._queue: queue.Queue[_Job | object] = queue.Queue(options.max_backlog)
         self._lock = threading.Lock()
+        self._engine_lock = threading.Lock()  # the workers loading the engine (once)
         self._engine: TranscriptionEngine | None = None
         self._engine_error: BaseException | None = None
         self._engine_ready = threading.Event()
@@ -429,7 +430,8 @@ class TranscribeSink(AudioSink):
     # -- the workers
 
     def _load_engine(self) -> TranscriptionEngine | None:
-        with self._lock:
+        # its own lock: loading a model takes seconds, and the delivery thread takes _lock
+        with self._engine_lock:
             if not self._engine_ready.is_set():
                 try:
                     self._engine = self.engine_spec.factory(self.engine_options)
