@@ -1158,9 +1158,10 @@ def _transcribe_rows(tr: dict[str, Any] | None) -> list[tuple[str, str, str, str
                 what,
                 f"real-time factor {run['rtf']}; end of speech to text p50 {run['latency_p50']} s, "
                 f"p95 {run['latency_p95']} s; meanwhile reception lost nothing ({run['received']} frames), "
-                f"arrival to the sink p99 {run.get('receive_latency_p99_ms')} ms",
-                "receive p99 ≤ 10 ms",
-                verdict(run.get("receive_latency_p99_ms"), "≤", 10.0, " ms"),
+                f"arrival to the sink p99 {run.get('receive_latency_p99_ms')} ms "
+                f"({run.get('receive_latency_p99_ms_idle_engine')} ms with an engine that does nothing)",
+                "",
+                "",
             )
         )
     return rows

@@ -14,7 +14,10 @@ names another directory) has a queue to work off. Per member count it reports:
   queue behind the other members' utterances (with N members stopping at once the last of them
   waits for N-1 others), then the engine;
 - ``receive_latency_p99_ms``: the receive path's own latency meanwhile, from a datagram's arrival
-  to the sink (p99, ms);
+  to the sink (p99, ms), and ``receive_latency_p99_ms_idle_engine``, the same with an engine that
+  answers at once (the same schedule, run next: what the receive path takes without the engine;
+  the first frames of each talk spurt wait in its start window, so both are far above the
+  steady-stream latency of the pipeline benchmark);
 - ``received`` / ``sent``: frames the sink got against frames the members sent, and ``lost``,
   ``concealed`` and ``dropped`` from the session's stats: all must show nothing lost while the
   engine was busy (``held``).
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import tempfile
 import threading
@@ -35,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from listening_core.hookspecs import EngineSpec, hookimpl
+import numpy as np
+
+from listening_core.hookspecs import EngineSpec, Transcription, hookimpl
 
 CLIPS = ("meeting-alice", "meeting-bob", "meeting-carol", "alice", "bob", "carol", "dave")
 SECOND_AT = 4.0  # the second clip starts here: over a second after the longest (2.9 s) ends
@@ -47,6 +53,7 @@ class _TimedOptions:
 
     model: str = ""
     cpu_threads: int = 2
+    idle: bool = False  # answer at once, loading nothing: the baseline of the receive path's latency
 
 
 class _TimedWhisper:
@@ -55,12 +62,18 @@ class _TimedWhisper:
     def __init__(self, options: _TimedOptions) -> None:
         from listening_sink_transcribe import WhisperEngine, WhisperOptions
 
-        self._engine = WhisperEngine(WhisperOptions(model=options.model, cpu_threads=options.cpu_threads))
+        self._engine = (
+            None
+            if options.idle
+            else WhisperEngine(WhisperOptions(model=options.model, cpu_threads=options.cpu_threads))
+        )
         self.busy = 0.0
         self.audio = 0.0
         self._lock = threading.Lock()
 
     def transcribe(self, pcm: bytes, *, language: str | None, timeout: float) -> Any:
+        if self._engine is None:
+            return Transcription("")
         began = time.perf_counter()
         heard = self._engine.transcribe(pcm, language=language, timeout=timeout)
         with self._lock:
@@ -69,7 +82,8 @@ class _TimedWhisper:
         return heard
 
     def close(self) -> None:
-        self._engine.close()
+        if self._engine is not None:
+            self._engine.close()
 
 
 class _TimedPlugin:
@@ -90,10 +104,13 @@ def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+    # the nearest-rank percentile: the smallest value with at least q of them at or below it
+    return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 3)
 
 
-async def _one(count: int, model: str, cpu_threads: int, directory: Path) -> dict[str, Any]:
+async def _one(
+    count: int, model: str, cpu_threads: int, directory: Path, *, idle: bool = False
+) -> dict[str, Any]:
     from listening_sink_transcribe import TranscribeOptions, TranscribeSink
 
     from listening_core.plugins import SinkRegistry
@@ -107,7 +124,7 @@ async def _one(count: int, model: str, cpu_threads: int, directory: Path) -> dic
         TranscribeOptions(
             directory=directory,
             engine="timed-whisper",
-            engine_options={"model": model, "cpu_threads": cpu_threads},
+            engine_options={"model": model, "cpu_threads": cpu_threads, "idle": idle},
             language="en",
             max_backlog=4 * count,
             timeout=600.0,
@@ -157,7 +174,7 @@ async def _one(count: int, model: str, cpu_threads: int, directory: Path) -> dic
         "latency_p95": _percentile(latencies, 0.95),
         "receive_latency_p99_ms": None
         if not arrival_to_sink
-        else round(float(_percentile(arrival_to_sink, 0.99) or 0.0) * 1000, 3),
+        else round(float(np.percentile(np.array(arrival_to_sink), 99)) * 1000, 2),
         "received": sum(received.values()),
         "sent": sum(sent.values()),
         "lost": lost,
@@ -186,7 +203,13 @@ def measure_transcription(
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-transcribe-") as tmp:
         for count in members:
-            runs.append(asyncio.run(_one(count, model, cpu_threads, Path(tmp) / f"n{count}")))
+            run = asyncio.run(_one(count, model, cpu_threads, Path(tmp) / f"n{count}"))
+            # the same schedule with an engine that does nothing: the receive path's own latency
+            # without transcription, to compare with the figure above
+            idle = asyncio.run(_one(count, model, cpu_threads, Path(tmp) / f"idle{count}", idle=True))
+            run["receive_latency_p99_ms_idle_engine"] = idle["receive_latency_p99_ms"]
+            run["held"] = run["held"] and idle["error"] is None
+            runs.append(run)
     return {"model": model, "compute_type": "int8", "cpu_threads": cpu_threads, "runs": runs}
 
 
