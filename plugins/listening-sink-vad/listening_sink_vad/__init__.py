@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import pathlib
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -374,6 +375,7 @@ class VadSegmentsSink(AudioHandlingSink):
         """Utterances dropped from :meth:`utterances` streams whose consumer fell behind, by user id."""
         self._streams: weakref.WeakSet[UtteranceStream] = weakref.WeakSet()
         self._streams_ended = False
+        self._streams_lock = threading.Lock()
         self._users: dict[int, _UserState] = {}
         # never a segment named like the manifest
         self._namer = FileNamer(
@@ -390,10 +392,12 @@ class VadSegmentsSink(AudioHandlingSink):
         """Finished utterances as an async iterator in the running event loop (see
         :class:`UtteranceStream`): the ones that finish from now on, until the session ends."""
         stream = UtteranceStream(self, maxsize)
-        if self._streams_ended:
+        with self._streams_lock:  # against _end_streams on the delivery thread
+            ended = self._streams_ended
+            if not ended:
+                self._streams.add(stream)
+        if ended:
             stream._put(_END)
-        else:
-            self._streams.add(stream)
         return stream
 
     def _dropped(self, utterance: Utterance) -> None:
@@ -416,10 +420,11 @@ class VadSegmentsSink(AudioHandlingSink):
             stream._post(utterance)
 
     def _end_streams(self) -> None:
-        self._streams_ended = True
-        for stream in list(self._streams):
+        with self._streams_lock:
+            self._streams_ended = True
+            streams, self._streams = list(self._streams), weakref.WeakSet()
+        for stream in streams:
             stream._post(_END)
-        self._streams = weakref.WeakSet()
 
     # -- lifecycle
 
