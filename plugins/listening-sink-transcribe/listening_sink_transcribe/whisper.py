@@ -29,7 +29,8 @@ class WhisperOptions:
         default="tiny.en",
         metadata={
             "help": "a model directory (CTranslate2 weights: model.bin, config.json, tokenizer.json) "
-            "or a model name faster-whisper knows (tiny.en, base, small, ...; downloaded on first use)"
+            "or a model name faster-whisper knows (tiny.en, base, small, ...; from its cache, or downloaded "
+            "when download=True)"
         },
     )
     device: Literal["cpu", "cuda", "auto"] = field(default="cpu", metadata={"help": "where the model runs"})
