@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -492,6 +493,12 @@ async def main(argv: list[str] | None = None, *, prog: str | None = None) -> int
             print("Set DISCORD_TOKEN to your bot's token (or use --local FILE).", file=sys.stderr)
             return 2
         bot = make_bot(output, prefix=args.prefix, sync=args.sync)
+    # SIGTERM (a service manager, a container's stop, the demo) closes the bot as Ctrl-C does; a
+    # process started in the background by a shell ignores SIGINT, so this is the signal to rely on
+    with contextlib.suppress(NotImplementedError):  # no loop signal handlers on Windows
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGTERM, lambda: asyncio.ensure_future(bot.close())
+        )
     async with bot:
         await bot.start(token)
     return 0
