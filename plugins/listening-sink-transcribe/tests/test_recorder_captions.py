@@ -23,7 +23,8 @@ async def test_live_captions_and_the_transcript(tmp_path: Path) -> None:
         bot = make_bot(tmp_path / "recordings", connector=local.connector(), guild_ready_timeout=0.1)
         runner = asyncio.ensure_future(bot.start(account.token))
         try:
-            await asyncio.wait_for(bot.wait_until_ready(), 30)
+            # as a task, so that start() runs first (3.12+ awaits a bare coroutine here at once)
+            await asyncio.wait_for(asyncio.ensure_future(bot.wait_until_ready()), 30)
             erin = local.add_member("erin")
             await erin.join()
 
